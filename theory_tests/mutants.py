@@ -1,0 +1,115 @@
+"""Plausible wrong IRIS implementations, the negative controls of the verification suite.
+
+Each mutant has the signature of `iris_ref.objectives.iris_loss` and returns an
+`ObjectiveOutput`, with weights that are consistent with its own (wrong) loss wherever that
+is possible, so that a test catching it must look at the mathematics, not at bookkeeping.
+Every claim's negative control shows that its check rejects at least one of these.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from iris_ref.objectives import ObjectiveOutput
+
+
+def _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights, normalise=True):
+    dtype = torch.float64 if pr.dtype == torch.float64 else torch.float32
+    r = beta * (pr.to(dtype) - orr.detach().to(dtype))
+    rs = beta * (ps.to(dtype) - os_.detach().to(dtype))
+
+    def weights(w, n):
+        if w is None:
+            return torch.full((n,), 1.0 / n, dtype=dtype)
+        w = w.detach().to(dtype)
+        return w / w.sum() if normalise else w
+
+    return r, rs, weights(real_weights, r.numel()), weights(synthetic_weights, rs.numel())
+
+
+def _naive_tilted(z: Tensor, t: float, w: Tensor) -> Tensor:
+    """(1/t)·log Σ w e^{t z} with the exact t = 0 limit, no renormalisation of w."""
+    if t == 0.0:
+        return (w * z).sum()
+    return torch.logsumexp(t * z + torch.log(w), dim=0) / t
+
+
+def _output(loss, r, rs, real_tilt, synthetic_tilt, pi, rho):
+    """Weights as the gradient of a loss of the form T_{real_tilt}[−r] + T_{synthetic_tilt}[r']."""
+    with torch.no_grad():
+        a = torch.softmax(-real_tilt * r + torch.log(pi), dim=0)
+        b = torch.softmax(synthetic_tilt * rs + torch.log(rho), dim=0)
+    return ObjectiveOutput(loss, a, b, r.detach(), rs.detach())
+
+
+def iris_swapped_tilts(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Bug: the annotated term gets tilt α and the synthetic term tilt 1 − α (the order-(1−α) objective)."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights)
+    loss = _naive_tilted(-r, alpha, pi) + _naive_tilted(rs, 1.0 - alpha, rho)
+    return _output(loss, r, rs, alpha, 1.0 - alpha, pi, rho)
+
+
+def iris_swapped_roles(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Bug: annotated and synthetic data exchanged, pushing the model towards its own samples."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights)
+    loss = _naive_tilted(-rs, 1.0 - alpha, rho) + _naive_tilted(r, alpha, pi)
+    with torch.no_grad():
+        b_on_synthetic = -torch.softmax((alpha - 1.0) * rs + torch.log(rho), dim=0)
+        a_on_real = -torch.softmax(alpha * r + torch.log(pi), dim=0)
+    return ObjectiveOutput(loss, a_on_real, b_on_synthetic, r.detach(), rs.detach())
+
+
+def iris_dropped_sign(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Bug: for α < 1 the annotated term is written as +(1/(1−α))·log Σπ e^{(α−1) r}, sign lost."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights)
+    real_term = _naive_tilted(-r, 1.0 - alpha, pi)
+    if alpha < 1.0:
+        real_term = -real_term
+    loss = real_term + _naive_tilted(rs, alpha, rho)
+    out = _output(loss, r, rs, 1.0 - alpha, alpha, pi, rho)
+    if alpha < 1.0:
+        out = ObjectiveOutput(loss, -out.real_weights, out.synthetic_weights, out.real_rewards, out.synthetic_rewards)
+    return out
+
+
+def iris_unnormalised_weights(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Bug: probability weights used as given, never renormalised (a 1e-16 deficit moves the loss near α = 1)."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights, normalise=False)
+    loss = _naive_tilted(-r, 1.0 - alpha, pi) + _naive_tilted(rs, alpha, rho)
+    return _output(loss, r, rs, 1.0 - alpha, alpha, pi, rho)
+
+
+COARSE_SERIES_THRESHOLD = 1e-2
+
+
+def iris_coarse_series(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Bug: replaces each tilted mean by its first-order series mean + (t/2)·Var when |α − 1| < 1e-2."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights)
+    if abs(alpha - 1.0) >= COARSE_SERIES_THRESHOLD:
+        loss = _naive_tilted(-r, 1.0 - alpha, pi) + _naive_tilted(rs, alpha, rho)
+        return _output(loss, r, rs, 1.0 - alpha, alpha, pi, rho)
+
+    def series(z, t, w):
+        mean = (w * z).sum()
+        return mean + 0.5 * t * (w * (z - mean) ** 2).sum()
+
+    loss = series(-r, 1.0 - alpha, pi) + series(rs, alpha, rho)
+    # The series' exact gradient weights: w_i·(1 + t·(z_i − mean)).
+    with torch.no_grad():
+        a = pi * (1 + (1.0 - alpha) * (-r - (pi * -r).sum()))
+        b = rho * (1 + alpha * (rs - (rho * rs).sum()))
+    return ObjectiveOutput(loss, a, b, r.detach(), rs.detach())
+
+
+MUTANTS = {
+    "swapped_tilts": iris_swapped_tilts,
+    "swapped_roles": iris_swapped_roles,
+    "dropped_sign": iris_dropped_sign,
+    "unnormalised_weights": iris_unnormalised_weights,
+    "coarse_series": iris_coarse_series,
+}
+
+__all__ = ["MUTANTS", "COARSE_SERIES_THRESHOLD", *[f.__name__ for f in MUTANTS.values()]]
