@@ -1,0 +1,28 @@
+"""Shared fixtures: a saved random tiny HF checkpoint and the toy data path, all offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from iris_ref.tiny import TOY_HELDOUT_PATH, TOY_TRAIN_PATH, save_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a saved, randomly initialised (seed 0) tiny Qwen2 model + tokenizer folder.
+
+    Shared by the whole session: tests must not write into it (save elsewhere)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_train_path():
+    return TOY_TRAIN_PATH
+
+
+@pytest.fixture(scope="session")
+def toy_heldout_path():
+    return TOY_HELDOUT_PATH
