@@ -41,8 +41,13 @@ ALPHAS = (0.05, 0.5, 1.0, 1.0 - 1e-7, 1.0 + 1e-7, 2.0, 10.0)
 BETAS = (0.1, 1.0)
 MUS = (1.0, 4.0)
 # Reward scales: "small" |r| ~ 1e-3 (the series regime), "large" |r| ~ 50 (log-sum-exp regime),
-# "zero" r = 0 exactly (policy = opponent, the start of every iteration).
-REWARD_SCALES = {"zero": 0.0, "small": 1e-3, "large": 50.0}
+# "zero" r = 0 exactly (policy = opponent, the start of every iteration), and for the
+# softplus-based objectives (SPIN, SPACE) "switch": softplus arguments of magnitude 18 to 24,
+# where float64 code often switches formulas (torch.nn.functional.softplus becomes the
+# identity above 20, an error of e^{-20} = 2e-9).
+REWARD_SCALES = {"zero": 0.0, "small": 1e-3, "large": 50.0, "switch": None}
+SWITCH_RANGE = (18.0, 24.0)
+SWITCH_OBJECTIVES = ("spin", "space")
 # SPIF bound per scale: some rewards fall inside and some outside, never within 1e-6 of it.
 SPIF_BOUNDS = {"zero": 1.0, "small": 5e-4, "large": 25.0}
 
@@ -198,6 +203,12 @@ def _draw_rewards(rng, n, scale):
     return [scale * (2.0 * rng.random() - 1.0) for _ in range(n)]
 
 
+def _draw_switch_rewards(rng, n, offset):
+    """offset ± U[18, 24]: softplus arguments (offset − r or r − offset) of magnitude 18 to 24."""
+    low, high = SWITCH_RANGE
+    return [offset + (1.0 if rng.random() < 0.5 else -1.0) * (low + (high - low) * rng.random()) for _ in range(n)]
+
+
 def _draw_weights(rng, n):
     raw = [0.05 + rng.random() for _ in range(n)]
     total = sum(raw)
@@ -229,8 +240,18 @@ def make_case(objective, constants, scale_name, weighted):
     n = 3 + int(rng.random() * 4)
     m = n if objective == "spin" else 3 + int(rng.random() * 4)
     while True:
-        real_rewards = _draw_rewards(rng, n, scale)
-        synthetic_rewards = _draw_rewards(rng, m, scale)
+        if scale_name != "switch":
+            real_rewards = _draw_rewards(rng, n, scale)
+            synthetic_rewards = _draw_rewards(rng, m, scale)
+        elif objective == "spin":
+            # SPIN's softplus argument is the margin r - r': keep r' near 0, put r in the range.
+            real_rewards = _draw_switch_rewards(rng, n, 0.0)
+            synthetic_rewards = _draw_rewards(rng, m, 1e-3)
+        else:
+            # SPACE's arguments are log(mu) - r and r' - log(mu).
+            log_mu = float(mpmath.log(constants["mu"]))
+            real_rewards = _draw_switch_rewards(rng, n, log_mu)
+            synthetic_rewards = _draw_switch_rewards(rng, m, log_mu)
         bound = constants.get("reward_bound")
         if bound is None or _away_from_bound(real_rewards + synthetic_rewards, bound):
             break
@@ -270,10 +291,11 @@ def constant_grid(objective):
 def build_cases(objective):
     """All cases of one objective: every constant combination x {small, large} x {uniform,
     weighted}, plus the zero-reward case (policy = opponent) for every combination with uniform
-    weights."""
+    weights, plus for SPIN and SPACE the "switch" scale."""
+    scales = ("zero", "small", "large") + (("switch",) if objective in SWITCH_OBJECTIVES else ())
     cases = []
     for constants in constant_grid(objective):
-        for scale_name in ("zero", "small", "large"):
+        for scale_name in scales:
             for weighted in (False, True):
                 if scale_name == "zero" and weighted:
                     continue

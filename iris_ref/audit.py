@@ -1,0 +1,524 @@
+"""Audit any implementation of an IRIS/SPIN/SPACE/SPIF loss against the golden vectors.
+
+Calling convention of the audited ("foreign") function::
+
+    fn(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps,
+       **constants) -> loss tensor, or an object with a ``.loss`` attribute, or a mapping with "loss"
+
+The four log-prob vectors are passed positionally as 1-D tensors (``--dtype``, float64 by
+default); the first two require grad. Constants are passed as keywords with the reference
+names (``alpha``, ``beta``, ``mu``, ``reward_bound``, and for weighted cases ``real_weights``,
+``synthetic_weights`` or, for SPIN, ``pair_weights`` as 1-D tensors). Constants whose golden
+value is None (SPIF without a bound) are not passed at all. ``arg_map`` / ``--arg-map
+alpha=order,beta=temperature`` renames keywords for implementations that spell them
+differently.
+
+What is checked, per golden case: the loss value, and the autograd gradients with respect to
+the two policy vectors, which must equal ``-beta * a`` and ``+beta * b`` (THEORY.md §2, the a, b
+stored in the golden file). If the returned object also carries ``real_weights`` and
+``synthetic_weights`` tensors (as the reference's ``ObjectiveOutput`` does), they are checked
+against a and b too. A quantity x passes when ``|x - expected| <= atol + rtol * |expected|``
+elementwise and x is finite. Defaults: rtol = atol = 1e-10 for float64, 1e-3 for float32 (the
+float32 rounding of log-probs near -1000 alone moves a reward by ~1e-5).
+
+Command line: ``python -m iris_ref.audit --impl module:function --objective iris`` (see
+``--help``); exit status 0 when every selected case passes, 1 when one fails, 2 on a usage
+error (unknown objective, unimportable ``--impl``, no case matching the given constants).
+Python: ``audit(fn, "iris", alpha=..., ...) -> AuditReport``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+OBJECTIVES = ("iris", "spin", "space", "spif")
+LOGP_NAMES = ("policy_real_logps", "policy_synthetic_logps", "opponent_real_logps", "opponent_synthetic_logps")
+SCALAR_CONSTANTS = {
+    "iris": ("alpha", "beta"),
+    "spin": ("beta",),
+    "space": ("mu", "beta"),
+    "spif": ("beta", "reward_bound"),
+}
+DEFAULT_TOLERANCE = {"float64": 1e-10, "float32": 1e-3}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parent.parent / "theory_tests" / "golden"
+WEIGHT_SELECTIONS = ("all", "uniform", "weighted")
+_UNSET = object()  # --reward-bound not given (None means "the unbounded cases")
+
+
+class AuditUsageError(ValueError):
+    """A problem with the audit's arguments (not a failure of the audited function)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Golden cases
+# --------------------------------------------------------------------------------------------
+
+
+def golden_path(objective: str, golden_dir: str | Path | None = None) -> Path:
+    if objective not in OBJECTIVES:
+        raise AuditUsageError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    directory = Path(golden_dir) if golden_dir is not None else DEFAULT_GOLDEN_DIR
+    path = directory / f"{objective}.json"
+    if not path.is_file():
+        raise AuditUsageError(f"golden file not found: {path} (pass --golden DIR)")
+    return path
+
+
+def load_golden(objective: str, golden_dir: str | Path | None = None) -> list[dict]:
+    """All golden cases of one objective, as stored in ``<golden_dir>/<objective>.json``."""
+    path = golden_path(objective, golden_dir)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AuditUsageError(f"cannot read golden file {path}: {exc}") from None
+    if document.get("objective") != objective or not isinstance(document.get("cases"), list):
+        raise AuditUsageError(f"{path} is not a golden file for {objective!r}")
+    return document["cases"]
+
+
+def _constant_matches(stored, wanted) -> bool:
+    if wanted is None or stored is None:
+        return wanted is None and stored is None
+    return math.isclose(float(stored), float(wanted), rel_tol=1e-12, abs_tol=0.0)
+
+
+def select_cases(
+    cases: list[dict],
+    objective: str,
+    constants: Mapping | None = None,
+    weights: str = "all",
+    name_contains: str | None = None,
+) -> list[dict]:
+    """Cases whose constants equal every given one (``reward_bound=None`` selects unbounded
+    SPIF cases), restricted to uniform or weighted cases if asked, and whose name contains
+    ``name_contains``."""
+    constants = dict(constants or {})
+    unknown = set(constants) - set(SCALAR_CONSTANTS[objective])
+    if unknown:
+        raise AuditUsageError(
+            f"{objective} has no constant {', '.join(sorted(unknown))}; its constants are {', '.join(SCALAR_CONSTANTS[objective])}"
+        )
+    if weights not in WEIGHT_SELECTIONS:
+        raise AuditUsageError(f"weights must be one of {', '.join(WEIGHT_SELECTIONS)}, got {weights!r}")
+    selected = []
+    for case in cases:
+        if any(not _constant_matches(case["constants"].get(k), v) for k, v in constants.items()):
+            continue
+        if weights == "uniform" and case["weights"]:
+            continue
+        if weights == "weighted" and not case["weights"]:
+            continue
+        if name_contains and name_contains not in case["name"]:
+            continue
+        selected.append(case)
+    if not selected:
+        available = sorted({json.dumps(c["constants"], sort_keys=True) for c in cases})
+        wanted = ", ".join(f"{k}={v}" for k, v in constants.items()) or "(no constant filter)"
+        raise AuditUsageError(
+            f"no golden {objective} case matches {wanted} (weights={weights}"
+            + (f", name contains {name_contains!r}" if name_contains else "")
+            + f"); available constants: {'; '.join(available)}"
+        )
+    return selected
+
+
+# --------------------------------------------------------------------------------------------
+# Foreign implementations
+# --------------------------------------------------------------------------------------------
+
+
+def load_impl(spec: str) -> Callable:
+    """Resolve ``module:function`` (or ``path/to/file.py:function``; dotted attributes allowed)."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise AuditUsageError(f"--impl must look like module:function or path/to/file.py:function, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise AuditUsageError(f"--impl file not found: {file}")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            module = importlib.import_module(module_name)
+    except AuditUsageError:
+        raise
+    except BaseException as exc:  # an import can raise anything, even SystemExit
+        raise AuditUsageError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    target = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise AuditUsageError(f"{module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise AuditUsageError(f"{spec!r} is not callable")
+    return target
+
+
+def parse_arg_map(text: str | None) -> dict[str, str]:
+    """``"alpha=order,beta=temperature"`` -> ``{"alpha": "order", "beta": "temperature"}``."""
+    if not text:
+        return {}
+    mapping = {}
+    for item in text.split(","):
+        ref_name, sep, foreign_name = item.strip().partition("=")
+        if not sep or not ref_name.strip() or not foreign_name.strip() or not foreign_name.strip().isidentifier():
+            raise AuditUsageError(f"--arg-map entries must look like reference_name=foreign_name, got {item!r}")
+        mapping[ref_name.strip()] = foreign_name.strip()
+    return mapping
+
+
+def _extract_loss(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "loss" in output:
+        return output["loss"]
+    if hasattr(output, "loss"):
+        return output.loss
+    raise TypeError(f"returned {type(output).__name__}; expected a tensor, an object with .loss or a mapping with 'loss'")
+
+
+def _returned_weights(output):
+    """(a, b) if the output carries weight tensors, else None."""
+    if isinstance(output, torch.Tensor):
+        return None
+    get = output.get if isinstance(output, Mapping) else (lambda k: getattr(output, k, None))
+    a, b = get("real_weights"), get("synthetic_weights")
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a, b
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Error of one checked quantity (scalar or vector) against its expected value."""
+
+    quantity: str
+    max_abs_error: float
+    max_rel_error: float
+    worst_index: int | None
+    ratio: float  # largest |error| / (atol + rtol*|expected|); > 1 fails, inf if not finite
+    actual: float | None  # the value at the worst index
+    expected: float
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= 1.0
+
+
+def compare(quantity: str, actual: torch.Tensor, expected: list[float], rtol: float, atol: float) -> Comparison:
+    actual = actual.detach().to(torch.float64).reshape(-1)
+    expected_t = torch.tensor(expected, dtype=torch.float64).reshape(-1)
+    if actual.shape != expected_t.shape:
+        raise ValueError(f"{quantity} has shape {tuple(actual.shape)}, expected {tuple(expected_t.shape)}")
+    error = (actual - expected_t).abs()
+    allowed = atol + rtol * expected_t.abs()
+    ratio = torch.where(torch.isfinite(actual), error / allowed, torch.full_like(error, math.inf))
+    worst = int(torch.argmax(ratio)) if ratio.numel() else 0
+    finite_err = torch.where(torch.isfinite(error), error, torch.full_like(error, math.inf))
+    rel = finite_err / expected_t.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return Comparison(
+        quantity=quantity,
+        max_abs_error=float(finite_err.max()) if error.numel() else 0.0,
+        max_rel_error=float(rel.max()) if error.numel() else 0.0,
+        worst_index=worst if expected_t.numel() > 1 else None,
+        ratio=float(ratio.max()) if ratio.numel() else 0.0,
+        actual=float(actual[worst]) if actual.numel() else None,
+        expected=float(expected_t[worst]) if expected_t.numel() else 0.0,
+    )
+
+
+@dataclass
+class CaseResult:
+    name: str
+    constants: dict
+    weighted: bool
+    passed: bool
+    comparisons: list[Comparison] = field(default_factory=list)
+    error: str | None = None  # the exception the audited function raised, if any
+
+    @property
+    def worst(self) -> Comparison | None:
+        return max(self.comparisons, key=lambda c: c.ratio, default=None)
+
+
+def _float_list(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, atol: float, arg_map: Mapping) -> CaseResult:
+    """Run ``fn`` on one golden case and compare value, gradients and returned weights."""
+    inputs = [torch.tensor(case["inputs"][k], dtype=dtype) for k in LOGP_NAMES]
+    policy_real, policy_synthetic = inputs[0].requires_grad_(), inputs[1].requires_grad_()
+    kwargs = {arg_map.get(k, k): v for k, v in case["constants"].items() if v is not None}
+    for k, v in case["weights"].items():
+        kwargs[arg_map.get(k, k)] = torch.tensor(v, dtype=dtype)
+    result = CaseResult(name=case["name"], constants=dict(case["constants"]), weighted=bool(case["weights"]), passed=False)
+    expected = case["expected"]
+    beta = float(case["constants"]["beta"])
+    try:
+        output = fn(*inputs, **kwargs)
+        loss = _extract_loss(output)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"the loss must be a one-element tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+        loss = loss.reshape(())
+        if not loss.requires_grad:
+            raise TypeError("the loss does not depend differentiably on the policy log-probs")
+        grad_real, grad_synthetic = torch.autograd.grad(loss, [policy_real, policy_synthetic], allow_unused=True)
+    except Exception as exc:  # the audited code may raise anything; report it as this case's failure
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TypeError) and "keyword argument" in str(exc):
+            message += " (rename keywords with --arg-map / arg_map)"
+        result.error = message
+        return result
+    if grad_real is None:
+        grad_real = torch.zeros_like(policy_real)
+    if grad_synthetic is None:
+        grad_synthetic = torch.zeros_like(policy_synthetic)
+    a = _float_list(expected["real_weights"])
+    b = _float_list(expected["synthetic_weights"])
+    checks = [
+        ("loss", loss, [float(expected["loss"])]),
+        ("dloss/dpolicy_real", grad_real, [-beta * x for x in a]),
+        ("dloss/dpolicy_synthetic", grad_synthetic, [beta * x for x in b]),
+    ]
+    returned = _returned_weights(output)
+    if returned is not None:
+        checks += [("real_weights", returned[0], a), ("synthetic_weights", returned[1], b)]
+    try:
+        result.comparisons = [compare(q, actual, exp, rtol, atol) for q, actual, exp in checks]
+    except ValueError as exc:
+        result.error = str(exc)
+        return result
+    result.passed = all(c.passed for c in result.comparisons)
+    return result
+
+
+@dataclass
+class AuditReport:
+    objective: str
+    impl: str
+    dtype: str
+    rtol: float
+    atol: float
+    golden: str
+    results: list[CaseResult]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [r for r in self.results if not r.passed]
+
+    def largest_errors(self) -> dict[str, tuple[float, str]]:
+        """For each quantity, the largest absolute error over all cases and where it occurred."""
+        largest: dict[str, tuple[float, str]] = {}
+        for r in self.results:
+            for c in r.comparisons:
+                if c.quantity not in largest or c.max_abs_error > largest[c.quantity][0]:
+                    largest[c.quantity] = (c.max_abs_error, r.name)
+        return largest
+
+    def format(self, verbose: bool = True) -> str:
+        lines = [
+            f"audit of {self.impl} against the {self.objective} golden vectors ({self.golden})",
+            f"dtype {self.dtype}, pass if |error| <= {self.atol:g} + {self.rtol:g}*|expected|, for the loss, "
+            "the gradients (-beta*a, +beta*b) and returned weights",
+        ]
+        width = max(len(r.name) for r in self.results)
+        for r in self.results:
+            if r.passed and not verbose:
+                continue
+            status = "PASS" if r.passed else "FAIL"
+            if r.error is not None:
+                lines.append(f"{status} {r.name:<{width}}  raised {r.error}")
+                continue
+            worst = r.worst
+            detail = f"worst {worst.quantity}: abs err {worst.max_abs_error:.2e}, rel err {worst.max_rel_error:.2e}"
+            if not r.passed:
+                where = f"[{worst.worst_index}]" if worst.worst_index is not None else ""
+                detail += f" ({worst.quantity}{where} = {worst.actual!r}, expected {worst.expected!r})"
+                failing = [c.quantity for c in r.comparisons if not c.passed]
+                detail += f"; failing: {', '.join(failing)}"
+            lines.append(f"{status} {r.name:<{width}}  {detail}")
+        lines.append("largest absolute errors:")
+        for quantity, (err, name) in self.largest_errors().items():
+            lines.append(f"  {quantity:<24} {err:.3e}  ({name})")
+        n_fail = len(self.failures)
+        lines.append(
+            f"{'PASS' if self.passed else 'FAIL'}: {len(self.results) - n_fail}/{len(self.results)} cases passed"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["passed"] = self.passed
+        # json cannot hold inf; a non-finite value is recorded as the string "inf"
+        for r in data["results"]:
+            for c in r["comparisons"]:
+                for key in ("max_abs_error", "max_rel_error", "ratio", "actual"):
+                    if isinstance(c[key], float) and not math.isfinite(c[key]):
+                        c[key] = repr(c[key])
+        return data
+
+
+def audit(
+    fn: Callable,
+    objective: str,
+    *,
+    golden_dir: str | Path | None = None,
+    constants: Mapping | None = None,
+    weights: str = "all",
+    name_contains: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    dtype: str = "float64",
+    arg_map: Mapping | None = None,
+    impl_name: str | None = None,
+) -> AuditReport:
+    """Check ``fn`` on the golden cases of ``objective`` and return the report.
+
+    ``constants`` filters the cases (e.g. ``{"alpha": 0.5}``); ``weights`` is "all", "uniform"
+    (for implementations without sample weights) or "weighted"; tolerances default by dtype.
+    """
+    if dtype not in DTYPES:
+        raise AuditUsageError(f"dtype must be float64 or float32, got {dtype!r}")
+    rtol = DEFAULT_TOLERANCE[dtype] if rtol is None else float(rtol)
+    atol = DEFAULT_TOLERANCE[dtype] if atol is None else float(atol)
+    if not (rtol >= 0 and atol >= 0) or rtol + atol == 0:
+        raise AuditUsageError(f"tolerances must be non-negative and not both zero, got rtol={rtol}, atol={atol}")
+    cases = select_cases(load_golden(objective, golden_dir), objective, constants, weights, name_contains)
+    results = [evaluate_case(fn, case, DTYPES[dtype], rtol, atol, dict(arg_map or {})) for case in cases]
+    name = impl_name or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+    return AuditReport(
+        objective=objective,
+        impl=name,
+        dtype=dtype,
+        rtol=rtol,
+        atol=atol,
+        golden=str(golden_path(objective, golden_dir)),
+        results=results,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _float_or_none(text: str):
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m iris_ref.audit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Audit a loss implementation against the golden vectors of iris-ref: loss values and\n"
+            "autograd gradients w.r.t. the two policy log-prob vectors (expected -beta*a, +beta*b).\n\n"
+            "Calling convention: fn(policy_real_logps, policy_synthetic_logps, opponent_real_logps,\n"
+            "opponent_synthetic_logps, **constants) with four 1-D tensors positionally and the\n"
+            "constants as keywords with the reference names: iris alpha, beta; spin beta; space mu,\n"
+            "beta; spif beta, reward_bound (not passed when None); weighted cases also pass\n"
+            "real_weights and synthetic_weights (spin: pair_weights) as tensors. fn returns a loss\n"
+            "tensor, an object with .loss, or a mapping with 'loss'; returned real_weights and\n"
+            "synthetic_weights, if present, are checked too."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m iris_ref.audit --impl iris_ref.objectives:iris_loss --objective iris\n"
+            "  python -m iris_ref.audit --impl mylib/losses.py:renyi_loss --objective iris --alpha 0.5 \\\n"
+            "      --arg-map alpha=order,beta=temperature --weights uniform --json report.json\n\n"
+            "exit status: 0 all selected cases pass, 1 some case fails, 2 usage error."
+        ),
+    )
+    parser.add_argument("--impl", required=True, help="module:function or path/to/file.py:function")
+    parser.add_argument("--objective", required=True, choices=OBJECTIVES)
+    parser.add_argument("--alpha", type=float, help="only cases with this IRIS order")
+    parser.add_argument("--beta", type=float, help="only cases with this beta")
+    parser.add_argument("--mu", type=float, help="only SPACE cases with this mu")
+    parser.add_argument("--reward-bound", type=_float_or_none, default=_UNSET, help="only SPIF cases with this bound ('none': unbounded)")
+    parser.add_argument("--weights", choices=WEIGHT_SELECTIONS, default="all", help="'uniform' skips the sample-weighted cases (default: all)")
+    parser.add_argument("--case", dest="name_contains", help="only cases whose name contains this text")
+    parser.add_argument("--golden", type=Path, help=f"directory of the golden JSON files (default: {DEFAULT_GOLDEN_DIR})")
+    parser.add_argument("--rtol", type=float, help="relative tolerance (default 1e-10 for float64, 1e-3 for float32)")
+    parser.add_argument("--atol", type=float, help="absolute tolerance (default as --rtol)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="dtype of the input tensors (default float64)")
+    parser.add_argument("--arg-map", help="rename keywords: reference=foreign[,...], e.g. alpha=order,beta=temperature")
+    parser.add_argument("--json", type=Path, dest="json_out", help="also write the full report as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="print only failing cases and the summary")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {"alpha": args.alpha, "beta": args.beta, "mu": args.mu}
+    constants = {k: v for k, v in given.items() if v is not None}
+    if args.reward_bound is not _UNSET:
+        constants["reward_bound"] = args.reward_bound
+    try:
+        fn = load_impl(args.impl)
+        report = audit(
+            fn,
+            args.objective,
+            golden_dir=args.golden,
+            constants=constants,
+            weights=args.weights,
+            name_contains=args.name_contains,
+            rtol=args.rtol,
+            atol=args.atol,
+            dtype=args.dtype,
+            arg_map=parse_arg_map(args.arg_map),
+            impl_name=args.impl,
+        )
+    except AuditUsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.format(verbose=not args.quiet))
+    if args.json_out is not None:
+        try:
+            args.json_out.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"{parser.prog}: error: cannot write {args.json_out}: {exc}", file=sys.stderr)
+            return 2
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
