@@ -5,8 +5,10 @@ Run ``python theory_tests/golden/make_golden.py`` (optionally ``--out DIR``) to 
 
 Independence: this file never imports ``iris_ref``. The formulas of THEORY.md §2 are written
 out again here, directly in mpmath, in their plainest textbook form (no log-sum-exp shift, no
-series near alpha = 1), because at 60 significant digits the naive formulas are exact enough:
+series near alpha = 1), because at 60 significant digits the plain formulas are exact enough:
 the worst cancellation, (1/t)·log Σ π e^{t z} at |t| = 1e-9, loses about 9 of the 60 digits.
+The only concession: log Σ π e^{t z} is evaluated with -log10|t| extra digits, so the same
+functions stay exact for tilts as small as 1e-300 (the theory tests reuse them for alpha -> 0).
 Every value is computed twice, at 60 and at 90 digits, and the two must agree to 1e-40, which
 shows the stored digits do not depend on the working precision.
 
@@ -95,21 +97,32 @@ def _sigmoid(x):
     return 1 / (1 + mpmath.exp(-x))
 
 
+def _tilted_log_sum(weights, values, t):
+    """log Σ w e^{t z}, with enough extra digits that dividing it by a tiny t loses nothing.
+
+    For tiny t the sum is 1 + O(t), so log of it cancels about -log10|t| digits; the working
+    precision is raised by that much (at 60 digits, 1 + 1e-300 would round to 1). Dividing by
+    Σ w removes the last-digit deficit of weights normalised at the working precision.
+    """
+    extra = 10 + max(0, int(-mpmath.log10(abs(t)))) if t != 0 else 0
+    with mpmath.extradps(extra):
+        total = mpmath.fsum(w * mpmath.exp(t * z) for w, z in zip(weights, values))
+        return +mpmath.log(total / mpmath.fsum(weights))
+
+
 def iris_exact(r, rp, pi, rho, alpha):
     """IRIS loss and weights; alpha = 1 exactly uses the Donsker–Varadhan limit."""
     alpha = mpmath.mpf(alpha)
     t = alpha - 1
-    real_terms = [p * mpmath.exp(t * x) for p, x in zip(pi, r)]
-    synth_terms = [q * mpmath.exp(alpha * x) for q, x in zip(rho, rp)]
-    real_sum = mpmath.fsum(real_terms)
-    synth_sum = mpmath.fsum(synth_terms)
     if t == 0:
         real_part = -mpmath.fsum(p * x for p, x in zip(pi, r))
     else:
-        real_part = -mpmath.log(real_sum) / t
-    loss = real_part + mpmath.log(synth_sum) / alpha
-    a = [term / real_sum for term in real_terms]
-    b = [term / synth_sum for term in synth_terms]
+        real_part = -_tilted_log_sum(pi, r, t) / t
+    loss = real_part + _tilted_log_sum(rho, rp, alpha) / alpha
+    real_terms = [p * mpmath.exp(t * x) for p, x in zip(pi, r)]
+    synth_terms = [q * mpmath.exp(alpha * x) for q, x in zip(rho, rp)]
+    a = [term / mpmath.fsum(real_terms) for term in real_terms]
+    b = [term / mpmath.fsum(synth_terms) for term in synth_terms]
     return loss, a, b
 
 
