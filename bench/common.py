@@ -260,3 +260,66 @@ def summarize_times(times: dict[str, list[float]]) -> dict[str, dict]:
         name: {"median_s": median(samples), "min_s": min(samples), "samples_s": samples}
         for name, samples in times.items()
     }
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def build_qwen2(
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    intermediate_size: int,
+    max_positions: int,
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+):
+    """A randomly initialised Qwen2 causal LM with tied embeddings (fp32, seeded, no hub)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}, "
+            f"and num_heads by num_kv_heads {num_kv_heads}"
+        )
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model
+
+
+def random_pairs(num_pairs: int, seq_len: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[tuple]:
+    """(real, synthetic) ``EncodedSequence`` pairs of random tokens, all ``seq_len`` long.
+
+    Equal lengths keep padding out of the comparison; timing and memory depend on shapes only.
+    Token ids are drawn from [1, vocab_size): id 0 is free to serve as the pad id.
+    """
+    import torch
+
+    from iris_ref.data import EncodedSequence
+
+    if not 0 < prompt_len < seq_len:
+        raise ValueError(f"need 0 < prompt_len < seq_len, got {prompt_len}, {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (num_pairs, 2, seq_len), generator=generator)
+    pairs = []
+    for i in range(num_pairs):
+        prompt = ids[i, 0, :prompt_len].tolist()
+        real = EncodedSequence(input_ids=prompt + ids[i, 0, prompt_len:].tolist(), prompt_length=prompt_len)
+        synthetic = EncodedSequence(input_ids=prompt + ids[i, 1, prompt_len:].tolist(), prompt_length=prompt_len)
+        pairs.append((real, synthetic))
+    return pairs

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MIB, PeakMemory, median, run_isolated, time_call, write_results  # noqa: E402
+from bench.common import MIB, PeakMemory, build_qwen2, median, run_isolated, time_call, write_results  # noqa: E402
 
 NAME = "logprob_memory"
 DEFAULTS = dict(vocab_size=151_936, hidden_size=64, batch_size=4, seq_len=1024, prompt_len=128, chunk_size=1024)
@@ -45,24 +45,8 @@ TARGET_RATIO = 0.25
 
 def build_model(vocab_size: int, hidden_size: int, max_positions: int, seed: int = 0):
     """A one-layer Qwen2 causal LM with tied embeddings, random init, fp32, eval mode."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    if hidden_size % 4:
-        raise ValueError(f"hidden_size must be a multiple of 4 heads, got {hidden_size}")
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.eval()  # no dropout; gradients still flow
+    model = build_qwen2(vocab_size, hidden_size, 1, 2 * hidden_size, max_positions, seed=seed)
+    model.eval()  # no dropout either way; gradients still flow
     return model
 
 
