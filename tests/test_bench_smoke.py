@@ -1,0 +1,117 @@
+"""Smoke tests of the benchmarks: each core function runs at tiny sizes and its results file is
+valid JSON with the headline keys. No timing is asserted anywhere (times are machine noise);
+what is asserted are the invariants a benchmark relies on: the two log-prob variants compute
+the same numbers, the chunked one uses less memory, the FLOP formula adds up, and the GPU
+benchmark writes nothing without a GPU."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import common, generation_throughput, gpu_step, logprob_memory, step_time, train_memory
+
+
+def test_write_results_adds_environment(tmp_path):
+    path = common.write_results("smoke_case", {"ratio": 0.5}, results_dir=tmp_path)
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == "smoke_case" and record["ratio"] == 0.5
+    assert record["environment"]["torch"] == torch.__version__
+    with pytest.raises(ValueError, match="benchmark name"):
+        common.write_results("Bad Name", {}, results_dir=tmp_path)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with common.PeakMemory("cpu") as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert peak.peak_bytes >= 60 * 2**20
+
+
+def test_alternate_runs_every_variant_in_abba_order():
+    calls = []
+    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    with pytest.raises(ValueError):
+        common.alternate({"a": lambda: None}, repeats=0)
+
+
+def test_naive_logprobs_match_a_direct_computation():
+    model = logprob_memory.build_model(vocab_size=50, hidden_size=8, max_positions=16)
+    ids, attn, resp = logprob_memory.build_batch(50, batch_size=2, seq_len=12, prompt_len=4)
+    got = logprob_memory.naive_sequence_logprobs(model, ids, attn, resp)
+    logits = model(input_ids=ids).logits.double()
+    expected = torch.zeros(2, dtype=torch.float64)
+    for b in range(2):
+        for t in range(4, 12):  # response tokens, each predicted from the previous position
+            expected[b] += torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_logprob_memory_benchmark_small(tmp_path):
+    settings = dict(vocab_size=20_000, hidden_size=16, batch_size=2, seq_len=256, prompt_len=32, chunk_size=64)
+    result = logprob_memory.run_benchmark(settings, repeats=1, device="cpu")
+    assert result["agreement"]["max_abs_logp_diff"] < 1e-2
+    assert result["agreement"]["grad_norm_rel_diff"] < 1e-3
+    assert 0 < result["ratio"] < 1  # full logits are 40 MiB here, chunks 5 MiB
+    record = json.loads(common.write_results("logprob_memory", result, results_dir=tmp_path).read_text())
+    assert record["ratio"] == result["ratio"]
+
+
+def test_step_time_benchmark_small(tmp_path):
+    settings = dict(step_time.DEFAULTS, vocab_size=256, hidden_size=32, num_layers=1, intermediate_size=64,
+                    seq_len=24, prompt_len=8, pairs=2)
+    result = step_time.run_benchmark(settings, repeats=1, warmup=0, device="cpu")
+    assert set(result["median_s"]) == {"iris", "spin", "iris_exact_accum", "spin_accum"}
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    assert math.isfinite(result["accumulation_overhead"])
+    json.loads(common.write_results("step_time", result, results_dir=tmp_path).read_text())
+
+
+def test_train_memory_benchmark_small(tmp_path):
+    settings = dict(train_memory.DEFAULTS, vocab_size=512, hidden_size=32, num_layers=1, intermediate_size=64,
+                    seq_len=24, prompt_len=8, pairs=2)
+    result = train_memory.run_benchmark(settings, repeats=1, device="cpu")
+    assert set(result["peak_mib"]) == set(train_memory.VARIANTS)
+    assert all(v > 0 for v in result["peak_mib"].values())
+    for key in ("ratio", "resident_ratio", "ratio_vs_sft_half"):
+        assert math.isfinite(result[key]) and result[key] > 0
+    json.loads(common.write_results("train_memory", result, results_dir=tmp_path).read_text())
+
+
+def test_generation_throughput_small(tmp_path):
+    result = generation_throughput.run_benchmark(batch_sizes=(1, 2), num_prompts=4, max_new_tokens=3, repeats=1)
+    assert [r["batch_size"] for r in result["rows"]] == [1, 2]
+    assert all(0 < r["generated_tokens"] <= 4 * 3 for r in result["rows"])
+    json.loads(common.write_results("generation_throughput", result, results_dir=tmp_path).read_text())
+
+
+def test_gpu_step_flop_formula_and_tiny_cpu_step():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         tie_word_embeddings=True)
+    run = gpu_step.measure_training_step(config, seq_len=16, batch_size=2, device="cpu", autocast_bf16=False,
+                                         steps=1, warmup=0)
+    counts = run["parameters"]
+    assert counts["total"] == counts["embedding"] + counts["body"] and counts["embedding"] == 64 * 16
+    expected = 6 * counts["body"] * 32 + 6 * 64 * 16 * run["scored_tokens_per_step"] + 12 * 2 * 16 * 16 * 32
+    assert run["model_tflops_per_step"] * 1e12 == pytest.approx(expected)
+    assert run["scored_tokens_per_step"] == 2 * (16 - 2)  # 2 prompt + 14 response tokens per row
+
+
+def test_gpu_step_config_is_qwen25_3b_shaped():
+    config = gpu_step.load_config()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (
+        2048, 36, 16, 2, 11008, 151_936, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_step_without_cuda_writes_nothing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_step, "write_results", lambda *a, **k: pytest.fail("wrote results without a GPU"))
+    assert gpu_step.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
