@@ -1,0 +1,308 @@
+"""The audit tool passes the reference objectives and fails deliberately wrong variants.
+
+One test runs the command line in a subprocess (as a user would); the others use the Python
+API `iris_ref.audit.audit` or `main([...])` in-process, which is the same code without the
+interpreter start-up. The wrong IRIS variants come from theory_tests/mutants.py; the wrong
+SPIN/SPACE/SPIF variants below are the usual slips: a sign error, β applied twice, a sum where
+the weighted mean belongs, μ forgotten, the reward bound ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iris_ref.audit import AuditUsageError, audit, load_golden, main
+from iris_ref.objectives import OBJECTIVES, iris_loss
+from theory_tests.mutants import MUTANTS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------
+# Wrong SPIN / SPACE / SPIF variants (foreign style: they return a bare loss tensor)
+
+
+def _rewards(pr, ps, orr, os_, beta):
+    return beta * (pr - orr), beta * (ps - os_)
+
+
+def _weights(w, n, like):
+    return torch.full((n,), 1.0 / n, dtype=like.dtype) if w is None else w / w.sum()
+
+
+def spin_sign_error(pr, ps, orr, os_, *, beta=0.1, pair_weights=None):
+    """softplus(r − r') instead of softplus(−(r − r')): rewards the synthetic responses."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    return (_weights(pair_weights, r.numel(), r) * F.softplus(r - rs)).sum()
+
+
+def spin_beta_twice(pr, ps, orr, os_, *, beta=0.1, pair_weights=None):
+    """β multiplied into the rewards and again into the margin."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    return (_weights(pair_weights, r.numel(), r) * F.softplus(-beta * (r - rs))).sum()
+
+
+def space_sum_instead_of_mean(pr, ps, orr, os_, *, mu=1.0, beta=1.0, real_weights=None, synthetic_weights=None):
+    """Sums the per-sample terms instead of taking their (weighted) mean."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    log_mu = math.log(mu)
+    return F.softplus(log_mu - r).sum() + mu * F.softplus(rs - log_mu).sum()
+
+
+def space_mu_dropped(pr, ps, orr, os_, *, mu=1.0, beta=1.0, real_weights=None, synthetic_weights=None):
+    """Forgets the factor μ on the synthetic term (right only for μ = 1)."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    pi, rho = _weights(real_weights, r.numel(), r), _weights(synthetic_weights, rs.numel(), rs)
+    log_mu = math.log(mu)
+    return (pi * torch.logaddexp(log_mu - r, torch.zeros_like(r))).sum() + (
+        rho * torch.logaddexp(rs - log_mu, torch.zeros_like(rs))
+    ).sum()
+
+
+def spif_sign_error(pr, ps, orr, os_, *, beta=0.1, reward_bound=None, real_weights=None, synthetic_weights=None):
+    """+Σπr instead of −Σπr on the annotated term."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    pi, rho = _weights(real_weights, r.numel(), r), _weights(synthetic_weights, rs.numel(), rs)
+    if reward_bound is not None:
+        r, rs = r.clamp(-reward_bound, reward_bound), rs.clamp(-reward_bound, reward_bound)
+    return (pi * r).sum() + (rho * (rs + rs.square() / 4)).sum()
+
+
+def spif_bound_ignored(pr, ps, orr, os_, *, beta=0.1, reward_bound=None, real_weights=None, synthetic_weights=None):
+    """Accepts reward_bound and never clamps (right only for unbounded cases)."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    pi, rho = _weights(real_weights, r.numel(), r), _weights(synthetic_weights, rs.numel(), rs)
+    return -(pi * r).sum() + (rho * (rs + rs.square() / 4)).sum()
+
+
+WRONG_VARIANTS = {
+    "spin": [spin_sign_error, spin_beta_twice],
+    "space": [space_sum_instead_of_mean, space_mu_dropped],
+    "spif": [spif_sign_error, spif_bound_ignored],
+}
+
+
+# ------------------------------------------------------------------------------------------
+# The reference passes
+
+
+def test_cli_passes_the_reference_in_a_subprocess(tmp_path):
+    """`python -m iris_ref.audit` on the reference IRIS loss exits 0, reports every case as passing and writes a JSON report."""
+    report_path = tmp_path / "report.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "iris_ref.audit", "--impl", "iris_ref.objectives:iris_loss", "--objective", "iris", "--json", str(report_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    n_cases = len(load_golden("iris"))
+    assert f"PASS: {n_cases}/{n_cases} cases passed" in completed.stdout
+    assert "largest absolute errors" in completed.stdout
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and len(report["results"]) == n_cases
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_reference_objectives_pass_the_audit(objective):
+    """Each reference objective reproduces its golden loss values, gradients and weights to 1e-10."""
+    report = audit(OBJECTIVES[objective], objective)
+    passed = report.passed
+    assert passed, report.format(verbose=False)
+    assert all(len(r.comparisons) == 5 for r in report.results), "returned weights should be checked too"
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_reference_objectives_pass_in_float32(objective):
+    """With float32 inputs and the float32 default tolerance (1e-3) the reference passes as well."""
+    report = audit(OBJECTIVES[objective], objective, dtype="float32")
+    passed = report.passed
+    assert passed, report.format(verbose=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Wrong variants fail
+
+
+@pytest.mark.parametrize("mutant_name", sorted(MUTANTS))
+def test_wrong_iris_variants_fail_the_audit(mutant_name):
+    """Each IRIS mutant (swapped tilts or roles, dropped sign, unnormalised weights, coarse series) fails at least one case."""
+    report = audit(MUTANTS[mutant_name], "iris")
+    assert not report.passed
+    assert report.failures and all(r.error is None for r in report.failures)
+
+
+@pytest.mark.parametrize(
+    "objective,variant",
+    [(objective, variant) for objective, variants in WRONG_VARIANTS.items() for variant in variants],
+    ids=lambda x: getattr(x, "__name__", x),
+)
+def test_wrong_variants_of_the_other_objectives_fail(objective, variant):
+    """Sign errors, β applied twice, sums instead of means, a forgotten μ and an ignored bound all fail the audit."""
+    report = audit(variant, objective)
+    assert not report.passed, f"{variant.__name__} passed"
+
+
+def test_mu_dropped_passes_where_it_is_right_and_fails_where_it_is_not():
+    """Filtering by constants works: forgetting μ is harmless at μ = 1 and caught at μ = 4."""
+    assert audit(space_mu_dropped, "space", constants={"mu": 1.0}).passed
+    assert not audit(space_mu_dropped, "space", constants={"mu": 4.0}).passed
+
+
+def test_bound_ignored_is_caught_only_on_bounded_cases():
+    """`reward_bound=None` selects the unbounded SPIF cases, where ignoring the bound is harmless."""
+    assert audit(spif_bound_ignored, "spif", constants={"reward_bound": None}).passed
+    assert not audit(spif_bound_ignored, "spif", constants={"reward_bound": 25.0}).passed
+
+
+def test_a_loss_off_by_1e9_fails():
+    """The 1e-10 tolerance is tight: a loss shifted by 1e-9 (gradients intact) fails on the cases with |loss| < 9."""
+
+    def shifted(*args, **kwargs):
+        return iris_loss(*args, **kwargs).loss + 1e-9
+
+    report = audit(shifted, "iris")
+    assert not report.passed
+    assert all(c.passed for r in report.results for c in r.comparisons if c.quantity != "loss")
+
+
+def test_wrong_returned_weights_are_caught_even_with_a_right_loss():
+    """If the output carries weights they are checked: unnormalised weights with the right loss fail."""
+
+    class Output:
+        def __init__(self, out):
+            self.loss = out.loss
+            self.real_weights = out.real_weights * 2.0
+            self.synthetic_weights = out.synthetic_weights
+
+    report = audit(lambda *a, **k: Output(iris_loss(*a, **k)), "iris")
+    assert not report.passed
+    failing = {c.quantity for r in report.failures for c in r.comparisons if not c.passed}
+    assert failing == {"real_weights"}
+
+
+def test_errors_of_the_audited_function_are_reported_per_case():
+    """A function that raises, or returns a detached loss, fails each case with the reason instead of crashing the audit."""
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    report = audit(raises, "spin")
+    assert not report.passed and all("RuntimeError: boom" in r.error for r in report.results)
+    detached = audit(lambda *a, **k: iris_loss(*a, **k).loss.detach(), "iris", constants={"alpha": 2.0})
+    assert not detached.passed and all("differentiabl" in r.error for r in detached.results)
+    json.dumps(report.to_dict())
+
+
+def test_non_finite_values_fail_and_the_json_report_stays_valid():
+    """NaN or inf never passes, and the JSON report records it without producing invalid JSON."""
+    report = audit(lambda *a, **k: iris_loss(*a, **k).loss * float("nan"), "iris", constants={"alpha": 0.5})
+    assert not report.passed
+    text = json.dumps(report.to_dict(), allow_nan=False)
+    assert '"inf"' in text
+
+
+# ------------------------------------------------------------------------------------------
+# Calling conventions, filters and usage errors
+
+
+def test_arg_map_renames_keywords():
+    """A foreign function with its own keyword names passes once --arg-map/arg_map renames them, and fails with a hint without."""
+
+    def foreign(pr, ps, orr, os_, *, order, temperature, real_weights=None, synthetic_weights=None):
+        return iris_loss(pr, ps, orr, os_, alpha=order, beta=temperature, real_weights=real_weights, synthetic_weights=synthetic_weights)
+
+    assert audit(foreign, "iris", arg_map={"alpha": "order", "beta": "temperature"}).passed
+    unmapped = audit(foreign, "iris", constants={"alpha": 2.0})
+    assert not unmapped.passed and "--arg-map" in unmapped.results[0].error
+
+
+def test_weights_filter_serves_implementations_without_sample_weights():
+    """`weights="uniform"` runs only the unweighted cases, so a loss without weight arguments can be audited."""
+
+    def no_weights(pr, ps, orr, os_, *, alpha, beta):
+        return iris_loss(pr, ps, orr, os_, alpha=alpha, beta=beta).loss
+
+    report = audit(no_weights, "iris", weights="uniform")
+    assert report.passed and all(not r.weighted for r in report.results)
+    assert not audit(no_weights, "iris", weights="all").passed
+
+
+def test_constant_filters_select_the_matching_cases():
+    """`constants={"alpha": 0.5, "beta": 1.0}` audits exactly the golden cases with those constants."""
+    report = audit(iris_loss, "iris", constants={"alpha": 0.5, "beta": 1.0})
+    assert report.results and all(r.constants == {"alpha": 0.5, "beta": 1.0} for r in report.results)
+
+
+def test_cli_filters_and_file_impl(tmp_path, capsys):
+    """`--impl path/to/file.py:fn` loads a file, `--arg-map` and `--alpha` apply, and a wrong variant exits 1."""
+    module = tmp_path / "foreign_losses.py"
+    module.write_text(
+        "from iris_ref.objectives import iris_loss\n"
+        "def renyi(pr, ps, orr, os_, *, order, beta, **weights):\n"
+        "    return iris_loss(pr, ps, orr, os_, alpha=order, beta=beta, **weights)\n"
+        "def renyi_swapped(pr, ps, orr, os_, *, order, beta):\n"
+        "    return iris_loss(ps, pr, os_, orr, alpha=order, beta=beta)\n"
+    )
+    common = ["--objective", "iris", "--alpha", "2", "--arg-map", "alpha=order", "--weights", "uniform", "--quiet"]
+    assert main(["--impl", f"{module}:renyi", *common]) == 0
+    assert main(["--impl", f"{module}:renyi_swapped", *common]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL iris/alpha=2.0" in out and "FAIL:" in out
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--impl", "no_such_module_xyz:loss", "--objective", "iris"], "cannot import 'no_such_module_xyz'"),
+        (["--impl", "iris_ref.objectives", "--objective", "iris"], "module:function"),
+        (["--impl", "iris_ref.objectives:no_such_fn", "--objective", "iris"], "no attribute"),
+        (["--impl", "iris_ref.objectives:iris_loss", "--objective", "iris", "--alpha", "0.7"], "no golden iris case matches alpha=0.7"),
+        (["--impl", "iris_ref.objectives:spin_loss", "--objective", "spin", "--alpha", "0.5"], "spin has no constant alpha"),
+        (["--impl", "iris_ref.objectives:iris_loss", "--objective", "iris", "--golden", "/nonexistent"], "golden file not found"),
+        (["--impl", "iris_ref.objectives:iris_loss", "--objective", "iris", "--arg-map", "alpha"], "--arg-map"),
+        (["--impl", "iris_ref.objectives:iris_loss", "--objective", "iris", "--rtol", "-1"], "tolerances"),
+        (["--impl", "iris_ref.objectives:iris_loss", "--objective", "nope"], "invalid choice"),
+        (["--objective", "iris"], "--impl"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, fragment, capsys):
+    """Usage errors (unimportable or malformed --impl, no matching case, bad options) exit 2 with one line on stderr, no traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_help_documents_the_calling_convention(capsys):
+    """`--help` exits 0 and explains the positional tensors, the keyword constants and --arg-map."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for fragment in ("policy_real_logps", "reward_bound", "pair_weights", "--arg-map", "exit status"):
+        assert fragment in text
+
+
+def test_python_api_rejects_bad_arguments():
+    """The Python API raises a ValueError subclass naming the problem."""
+    with pytest.raises(AuditUsageError, match="unknown objective"):
+        audit(iris_loss, "dpo")
+    with pytest.raises(AuditUsageError, match="dtype"):
+        audit(iris_loss, "iris", dtype="float16")
+    with pytest.raises(ValueError, match="weights must be"):
+        audit(iris_loss, "iris", weights="some")
