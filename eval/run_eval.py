@@ -16,6 +16,7 @@ versions) are written next to the scores, in ``results.json`` and in the table's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -28,12 +29,13 @@ if __package__ in (None, ""):
     # Run as a script (python eval/run_eval.py): make `eval.suites` importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.suites import LOCAL_SUITES, SUITES, TaskSpec, get_suite  # noqa: E402
+from eval.suites import LOCAL_SUITES, SUITES, TOY_TASKS_DIR, TaskSpec, get_suite  # noqa: E402
 
 EXIT_USAGE = 2
 # Dataset builders that read local files, never the hub.
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 _ITER_RE = re.compile(r"^iter_(\d+)$")
+_TASK_LINE = re.compile(r"^task:\s*([\w.-]+)", re.MULTILINE)
 
 
 class EvalError(Exception):
@@ -149,21 +151,27 @@ def offline_mode() -> bool:
 
 
 def make_task_manager(specs: list[TaskSpec], local_dirs: list[Path]):
-    """A ``TaskManager`` over the local task packs, plus lm-eval's built-ins only if needed.
+    """A ``TaskManager`` over the repo's task packs, plus lm-eval's built-ins only if needed.
 
-    Indexing the ~thousands of built-in YAML files takes seconds, so a local-only request
-    (the toy suite) skips it.
+    The repo's packs (``eval/tasks``) are always indexed, so ``--tasks toy_mc`` works with
+    any suite. Indexing the thousands of built-in YAML files takes seconds, so a request
+    that only names local tasks (the toy suite) skips it.
     """
+    dirs = sorted({str(TOY_TASKS_DIR), *(str(d) for d in local_dirs)})
+    local_names = set()
+    for directory in dirs:
+        for yaml_path in Path(directory).rglob("*.yaml"):
+            local_names |= set(_TASK_LINE.findall(yaml_path.read_text(encoding="utf-8")))
+    needs_defaults = any(spec.task not in local_names for spec in specs)
+    return _task_manager(tuple(dirs), needs_defaults)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(local_dirs: tuple[str, ...], include_defaults: bool):
+    """Built once per process and configuration: the index is read-only after construction."""
     from lm_eval.tasks import TaskManager
 
-    local_names = set()
-    for directory in local_dirs:
-        local_names |= {p.stem for p in directory.rglob("*.yaml")}
-    needs_defaults = any(spec.task not in local_names for spec in specs) or not local_dirs
-    return TaskManager(
-        include_path=[str(d) for d in local_dirs] or None,
-        include_defaults=needs_defaults,
-    )
+    return TaskManager(include_path=list(local_dirs) or None, include_defaults=include_defaults)
 
 
 def resolve_tasks(suite: str | None, task_names: list[str] | None) -> tuple[list[TaskSpec], list[Path]]:
