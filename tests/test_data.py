@@ -1,0 +1,235 @@
+"""Loading, validation, the one chat template, tokenisation with prompt masking, collation."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from iris_ref.data import (
+    EncodedSequence,
+    SkipCounts,
+    collate,
+    encode_pair,
+    end_of_turn_ids,
+    load_examples,
+    prompt_ids,
+    stop_token_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+GOOD = {"messages": [turn("user", "hi"), turn("assistant", "hello")]}
+
+CONVERSATIONS = [
+    [turn("user", "Give two digits that add up to 11.")],
+    [turn("system", "You are terse."), turn("user", "Name a letter between c and h.")],
+    [turn("system", "Answer with a number."), turn("user", "Give an odd number between 3 and 9.")],
+    [turn("user", "first"), turn("assistant", "reply"), turn("user", "second question, ünïcode ✓")],
+]
+
+
+# --- loading and validation -------------------------------------------------------------
+
+
+def test_toy_train_loads_without_skips(toy_train_path):
+    examples, counts = load_examples(str(toy_train_path))
+    assert len(examples) == 2000
+    assert counts.total == 0
+    assert examples[0].prompt_messages[-1]["role"] == "user"
+    assert examples[0].response
+
+
+def test_seeded_subset_is_deterministic_and_in_dataset_order(tmp_path):
+    rows = [{"messages": [turn("user", f"q{i}"), turn("assistant", f"a{i}")]} for i in range(100)]
+    path = str(write_jsonl(tmp_path / "numbered.jsonl", rows))
+    a, _ = load_examples(path, num_samples=20, seed=3)
+    b, _ = load_examples(path, num_samples=20, seed=3)
+    c, _ = load_examples(path, num_samples=20, seed=4)
+    assert a == b
+    assert a != c
+    indices = [int(e.response[1:]) for e in a]
+    assert len(set(indices)) == 20
+    assert indices == sorted(indices)
+    assert indices != list(range(20))
+    everything, _ = load_examples(path, num_samples=1000, seed=3)
+    assert [e.response for e in everything] == [f"a{i}" for i in range(100)]
+
+
+def test_skip_counts_per_reason(tmp_path):
+    rows = [
+        GOOD,
+        {"messages": "not a list"},
+        {"messages": [1, 2]},
+        {"messages": []},
+        {"messages": [turn("user", "no answer")]},
+        {"messages": [turn("assistant", "no question")]},
+        {"messages": [turn("user", "   "), turn("assistant", "x")]},
+        {"messages": [turn("user", "q"), turn("assistant", "")]},
+        {"messages": [turn("user", "q"), turn("assistant", None)]},
+        {"messages": [turn("robot", "q"), turn("user", "q"), turn("assistant", "a")]},
+        {"messages": [turn("system", "s"), turn("user", "q2"), turn("assistant", "a2")]},
+    ]
+    examples, counts = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), first_turn=False)
+    assert counts == SkipCounts(not_a_list=3, no_user_turn=1, no_assistant_turn=1, empty_content=3, unknown_role=1)
+    assert counts.total == 9
+    assert [e.response for e in examples] == ["hello", "a2"]
+    assert examples[1].prompt_messages == [turn("system", "s"), turn("user", "q2")]
+
+
+def test_first_turn_versus_whole_conversation(tmp_path):
+    conversation = [
+        turn("system", "be brief"),
+        turn("user", "q1"),
+        turn("assistant", "a1"),
+        turn("user", "q2"),
+        turn("assistant", "a2"),
+    ]
+    path = str(write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}]))
+    (first,), _ = load_examples(path, first_turn=True)
+    assert first.prompt_messages == [turn("system", "be brief"), turn("user", "q1")]
+    assert first.response == "a1"
+    (whole,), _ = load_examples(path, first_turn=False)
+    assert whole.prompt_messages == conversation[:4]
+    assert whole.response == "a2"
+
+
+def test_first_turn_ignores_later_invalid_turns(tmp_path):
+    row = {"messages": [turn("user", "q"), turn("assistant", "a"), turn("tool", ""), turn("assistant", "b")]}
+    path = str(write_jsonl(tmp_path / "t.jsonl", [row]))
+    (example,), counts = load_examples(path, first_turn=True)
+    assert (example.response, counts.total) == ("a", 0)
+    with pytest.raises(ValueError, match="unknown_role=1"):
+        load_examples(path, first_turn=False)
+
+
+def test_parquet_and_json_files(tmp_path):
+    import datasets
+
+    rows = [GOOD, {"messages": [turn("user", "q"), turn("assistant", "a")]}]
+    parquet = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    examples, _ = load_examples(str(parquet))
+    assert [e.response for e in examples] == ["hello", "a"]
+    json_file = tmp_path / "d.json"
+    json_file.write_text(json.dumps(rows), encoding="utf-8")
+    examples, _ = load_examples(str(json_file), split="train_sft")
+    assert [e.response for e in examples] == ["hello", "a"]
+
+
+@pytest.mark.parametrize(
+    "name, content, pattern",
+    [
+        ("missing.jsonl", None, "dataset file not found: .*missing.jsonl"),
+        ("empty.jsonl", "", "dataset file is empty: .*empty.jsonl"),
+        ("broken.jsonl", '{"messages": [\n', "cannot read dataset file .*broken.jsonl"),
+        ("broken.parquet", "not parquet", "cannot read dataset file .*broken.parquet"),
+        ("blank.jsonl", "\n\n", "(empty|cannot read)"),
+        ("nocol.jsonl", '{"text": "x"}\n', "no 'messages' column \\(columns: text\\)"),
+        ("invalid.jsonl", '{"messages": [{"role": "user", "content": "q"}]}\n', "no valid rows in dataset .*invalid.jsonl.*no_assistant_turn=1"),
+    ],
+)
+def test_bad_data_gives_one_line_value_error(tmp_path, name, content, pattern):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=pattern) as error:
+        load_examples(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_other_bad_arguments(tmp_path, toy_train_path):
+    with pytest.raises(ValueError, match="num_samples must be positive"):
+        load_examples(str(toy_train_path), num_samples=0)
+    odd = tmp_path / "data.csv"
+    odd.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unsupported dataset file type '.csv'"):
+        load_examples(str(odd))
+    with pytest.raises(ValueError, match="cannot load dataset 'no-such-org/no-such-dataset'"):
+        load_examples("no-such-org/no-such-dataset")
+
+
+# --- the one chat template --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_training_prompt_tokens_equal_generation_prompt_tokens(tokenizer, conversation):
+    encoded = encode_pair(tokenizer, conversation, "2+9", max_length=256, max_prompt_length=200)
+    expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    generation_prompt = prompt_ids(tokenizer, conversation)
+    assert encoded.input_ids[: encoded.prompt_length] == generation_prompt
+    assert tokenizer.decode(generation_prompt) == expected
+    assert generation_prompt == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_decoded_training_sequence_is_the_templated_conversation(tokenizer, conversation):
+    response = "Sure: 4+7, or 5+6."
+    encoded = encode_pair(tokenizer, conversation, response, max_length=256, max_prompt_length=200)
+    full = tokenizer.apply_chat_template(conversation + [turn("assistant", response)], tokenize=False)
+    assert full.endswith("<|im_end|>\n")
+    assert tokenizer.decode(encoded.input_ids) == full[: -len("\n")]
+    assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_end_of_turn_is_read_off_the_template(tokenizer):
+    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|endoftext|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    endoftext = other.convert_tokens_to_ids("<|endoftext|>")
+    assert end_of_turn_ids(other) == [endoftext]
+    assert stop_token_ids(other) == [endoftext, other.eos_token_id]
+    encoded = encode_pair(other, [turn("user", "q")], "a", max_length=64, max_prompt_length=64)
+    assert other.decode(encoded.input_ids) == "user: q<|endoftext|>\nassistant: a<|endoftext|>"
+    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_too_long_prompt_is_none_and_long_response_is_truncated(tokenizer):
+    prompt = [turn("user", "Give two digits that add up to 11.")]
+    n = len(prompt_ids(tokenizer, prompt))
+    assert encode_pair(tokenizer, prompt, "a", max_length=100, max_prompt_length=n - 1) is None
+    assert encode_pair(tokenizer, prompt, "a", max_length=n, max_prompt_length=n) is None
+    exact = encode_pair(tokenizer, prompt, "a", max_length=n + 1, max_prompt_length=n)
+    assert exact.prompt_length == n and len(exact.input_ids) == n + 1
+    long_response = "abc " * 50
+    full = encode_pair(tokenizer, prompt, long_response, max_length=1000, max_prompt_length=n)
+    cut = encode_pair(tokenizer, prompt, long_response, max_length=n + 5, max_prompt_length=n)
+    assert cut.input_ids == full.input_ids[: n + 5]
+    with pytest.raises(ValueError, match="must be positive"):
+        encode_pair(tokenizer, prompt, "a", max_length=0, max_prompt_length=10)
+
+
+# --- collation ----------------------------------------------------------------------------
+
+
+def test_collate_right_pads_and_masks_the_prompt():
+    batch = collate([EncodedSequence([5, 6, 7, 8], 2), EncodedSequence([9, 10, 11], 1)], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_collate_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        collate([], pad_token_id=0)
+    with pytest.raises(ValueError, match="prompt_length 3 but 3 tokens"):
+        collate([EncodedSequence([1, 2, 3], 3)], pad_token_id=0)
