@@ -64,27 +64,29 @@ def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _base_model_of(run_dir: Path) -> Path | None:
-    """The starting model recorded in the run's ``config.json``, if it is a local folder."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
+def _source_model_of(run_dir: Path) -> str | None:
+    """The starting model of a run that began from a given model (``iter_0/source.json``).
+
+    Runs of the embedded default save their starting model (the SFT warm-up) as
+    ``iter_0/checkpoint``, which the expansion picks up like any other iteration.
+    """
+    source = run_dir / "iter_0" / "source.json"
+    if not source.is_file():
         return None
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        model = json.loads(source.read_text()).get("model")
+    except (OSError, json.JSONDecodeError, AttributeError):
         return None
-    for key in ("model", "model_name_or_path", "model_path"):
-        value = config.get(key)
-        if isinstance(value, str) and value and _is_hf_folder(Path(value)):
-            return Path(value)
-    return None
+    return model if isinstance(model, str) and model else None
 
 
 def expand_models(paths: list[str], include_base: bool = False) -> list[Checkpoint]:
     """Resolve ``--models`` arguments to an ordered list of labelled checkpoints.
 
     A Hugging Face folder (has ``config.json``) is taken as it is. A run directory expands to
-    ``iter_0/checkpoint, iter_1/checkpoint, ...`` in numeric order; only iterations whose
+    ``iter_0/checkpoint, iter_1/checkpoint, ...`` in numeric order (``iter_0`` is the starting
+    model: the embedded default's SFT warm-up; a run from a given model has none there, and
+    ``include_base`` adds that model, named in ``iter_0/source.json``); only iterations whose
     checkpoint is complete (``config.json`` written, and the iteration's ``COMPLETE`` marker
     when the run writes one) are taken, so a half-written checkpoint is never evaluated.
     Labels are ``<run>/iter_<t>`` for run checkpoints and the folder name otherwise; a
@@ -111,13 +113,13 @@ def expand_models(paths: list[str], include_base: bool = False) -> list[Checkpoi
                 f"no model in {raw}: neither a Hugging Face folder (config.json) "
                 "nor a run directory with iter_*/checkpoint folders"
             )
-        if include_base:
-            base = _base_model_of(path)
+        if include_base and not _is_hf_folder(path / "iter_0" / "checkpoint"):
+            base = _source_model_of(path)
             if base is None:
-                raise EvalError(
-                    f"--include-base: the starting model of run {raw} is not a local model folder"
-                )
-            checkpoints.append(Checkpoint(f"{path.resolve().name}/base", base))
+                raise EvalError(f"--include-base: run {raw} records no starting model (iter_0/source.json)")
+            if Path(base).expanduser().exists() and not _is_hf_folder(Path(base).expanduser()):
+                raise EvalError(f"--include-base: the starting model {base} of run {raw} is not a model folder")
+            checkpoints.append(Checkpoint(f"{path.resolve().name}/base", Path(base)))
         taken = 0
         for _, iter_dir in iterations:
             ckpt = iter_dir / "checkpoint"
@@ -474,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", required=True, metavar="DIR",
                         help="run directories (expanded to iter_*/checkpoint) or HF model folders")
     parser.add_argument("--include-base", action="store_true",
-                        help="also evaluate a run's starting model (from its config.json) first")
+                        help="for a run started from a given model (no iter_0/checkpoint): evaluate that model "
+                             "first (named in iter_0/source.json; a local folder or a hub id)")
     parser.add_argument("--suite", default=None, help=f"one of: {', '.join(sorted(SUITES))}")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                         help="only these tasks of the suite, or extra lm-eval task names")

@@ -149,6 +149,19 @@ def test_run_directory_expansion_orders_iterations_numerically(tmp_path):
         "r/iter_0", "r/iter_1", "r/iter_2", "r/iter_10", "plain_model", "plain_model#2"]
     assert checkpoints[3].path == run_dir / "iter_10" / "checkpoint"
 
+    # A run started from a given model: iter_0 holds only source.json naming it.
+    given = tmp_path / "given"
+    (given / "iter_0").mkdir(parents=True)
+    (given / "iter_0" / "source.json").write_text(json.dumps({"model": str(single)}))
+    (given / "iter_0" / "COMPLETE").write_text("")
+    (given / "iter_1" / "checkpoint").mkdir(parents=True)
+    (given / "iter_1" / "checkpoint" / "config.json").write_text("{}")
+    (given / "iter_1" / "COMPLETE").write_text("")
+    assert [c.label for c in run_eval.expand_models([str(given)])] == ["given/iter_1"]
+    with_base = run_eval.expand_models([str(given)], include_base=True)
+    assert [(c.label, c.path) for c in with_base] == [
+        ("given/base", single), ("given/iter_1", given / "iter_1" / "checkpoint")]
+
 
 def _assert_one_line_error(capsys, argv, pattern):
     code = run_eval.main(argv)
