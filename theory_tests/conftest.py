@@ -103,7 +103,7 @@ def evaluate_critic(loss_fn, real_rewards, synthetic_rewards, *, beta=1.0, real_
     grad_real, grad_synthetic = torch.autograd.grad(out.loss, (pr, ps), allow_unused=True)
     grad_real = torch.zeros_like(pr) if grad_real is None else grad_real
     grad_synthetic = torch.zeros_like(ps) if grad_synthetic is None else grad_synthetic
-    return float(out.loss), (grad_real / beta).numpy(), (grad_synthetic / beta).numpy(), out
+    return float(out.loss.detach()), (grad_real / beta).numpy(), (grad_synthetic / beta).numpy(), out
 
 
 def population_critic_value(loss_fn, q, p, critic, *, real_mass=1.0, synthetic_mass=1.0, **constants):
