@@ -153,12 +153,10 @@ def load_impl(spec: str) -> Callable:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")
             module = importlib.import_module(module_name)
     except AuditUsageError:
         raise
-    except BaseException as exc:  # an import can raise anything, even SystemExit
+    except (Exception, SystemExit) as exc:  # an import can raise anything, even SystemExit
         raise AuditUsageError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     target = module
     for part in attr_path.split("."):
@@ -492,6 +490,8 @@ def main(argv=None) -> int:
     constants = {k: v for k, v in given.items() if v is not None}
     if args.reward_bound is not _UNSET:
         constants["reward_bound"] = args.reward_bound
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, "")  # --impl mymodule:fn finds modules of the current directory
     try:
         fn = load_impl(args.impl)
         report = audit(

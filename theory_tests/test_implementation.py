@@ -358,7 +358,8 @@ def test_I2_negative_control_float32_naive_formula():
 def _linear_problem(seed, n, features=4):
     """A tiny 'model' producing sequence log-probs: a linear layer on fixed per-sample features."""
     gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Linear(features, 1, dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):  # Linear's default init must not consume the global RNG
+        model = torch.nn.Linear(features, 1, dtype=torch.float64)
     with torch.no_grad():
         model.weight.copy_(torch.randn(1, features, generator=gen, dtype=torch.float64))
         model.bias.fill_(-40.0)
