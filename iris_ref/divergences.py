@@ -143,7 +143,7 @@ def _log_power_sum(xp, q, p, alpha):
     else:
         base, exponent, outside = p, alpha, _mask(p) & ~_mask(q)
     base_common = base[common]
-    largest = float(log_ratio.abs().max()) if xp.is_torch else float(np.abs(log_ratio).max())
+    largest = float(log_ratio.detach().abs().max()) if xp.is_torch else float(np.abs(log_ratio).max())
     if abs(exponent) * largest <= _SERIES_RADIUS:
         # Σ_common base·e^{tL} = 1 − base(outside) + Σ_common base·(e^{tL} − 1)
         return xp.log1p(xp.total(base_common * xp.expm1(exponent * log_ratio)) - xp.total(base[outside]))
