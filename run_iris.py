@@ -28,16 +28,16 @@ def main(argv: list[str] | None = None) -> int:
 
         build_parser().print_help()
         return 0
+    if not any(arg.split("=")[0] in ("--model", "--config", "--dataset", "--eval-dataset", "--eval_dataset") for arg in argv):
+        # The embedded default never needs the network; set before transformers is imported.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from iris_ref.config import ConfigError, parse_config
 
     try:
         config = parse_config(argv)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    if config.embedded:
-        # The embedded default never needs the network.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from iris_ref import distributed, selfplay
 
     try:

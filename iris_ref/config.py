@@ -133,6 +133,9 @@ class IrisConfig:
     bf16: Optional[bool] = _opt(
         None, "bf16 autocast (--bf16 [true|false]). Default: on with CUDA, off on CPU; requires CUDA.", nargs="?", const=True
     )
+    parallel: Literal["auto", "ddp", "fsdp", "none"] = _opt(
+        "auto", "Under torchrun: DDP (auto) or FSDP2 (fsdp: fully_shard per decoder layer) for models that do not fit one GPU."
+    )
     save_steps: Optional[int] = _opt(None, "Save the trainer state (for --resume) every N optimizer steps. Default: 50; 20 embedded.")
     # --- lengths and generation ----------------------------------------------------------
     max_length: Optional[int] = _opt(None, "Max tokens of prompt + response. Default: 1024 (SPIN); 64 embedded.")
@@ -199,6 +202,7 @@ class IrisConfig:
         _check_choice("gap", self.gap, ("auc", "mean"))
         _check_choice("optimizer", self.optimizer, ("rmsprop", "adamw"))
         _check_choice("generator", self.generator, ("auto", "vllm", "hf"))
+        _check_choice("parallel", self.parallel, ("auto", "ddp", "fsdp", "none"))
         if self.iters < 1:
             raise ConfigError(f"--iters must be >= 1, got {self.iters}")
         for name in ("alpha", "alpha_min", "alpha_max"):

@@ -42,11 +42,11 @@ def evaluate(policy, tokenizer, examples, *, config, device, toy: bool, generate
         for ex in examples:
             seq = data.encode_pair(tokenizer, ex.prompt_messages, ex.response, config.max_length, config.max_prompt_length)
             if seq is not None:
-                pairs.append((seq, seq))
+                pairs.append((seq, None))
                 tokens.append(len(seq.input_ids) - seq.prompt_length)
         out: dict[str, Any] = {"heldout_rows": len(pairs)}
         if pairs:
-            real, _ = logprobs(policy, pairs, tokenizer.pad_token_id, config.micro_batch_size)
+            real, _ = logprobs(policy, pairs, tokenizer.pad_token_id, config.micro_batch_size, config.bf16)
             out["heldout_nll"] = float(-real.double().sum() / sum(tokens))
         if not toy:
             return out
@@ -70,9 +70,9 @@ def evaluate(policy, tokenizer, examples, *, config, device, toy: bool, generate
             for answer in answers:
                 seq = data.encode_pair(tokenizer, ex.prompt_messages, answer, config.max_length, config.max_prompt_length)
                 if seq is not None:
-                    answer_pairs.append((seq, seq))
+                    answer_pairs.append((seq, None))
                     owners.append(i)
-        logp, _ = logprobs(policy, answer_pairs, tokenizer.pad_token_id, config.micro_batch_size)
+        logp, _ = logprobs(policy, answer_pairs, tokenizer.pad_token_id, config.micro_batch_size, config.bf16)
         probs = torch.exp(logp.double()).numpy()
         owners_arr = np.asarray(owners)
         masses, tvs = [], []

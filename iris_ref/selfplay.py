@@ -231,12 +231,20 @@ def _eval_source(config: IrisConfig) -> Optional[str]:
     return None
 
 
-def uses_toy_task(config: IrisConfig) -> bool:
-    """True when the data is the shipped toy task, whose answers can be checked exactly."""
+def uses_toy_task(heldout) -> bool:
+    """True when every held-out prompt is a toy-task prompt, whose answers can be checked
+    exactly (the shipped toy data, or any file of the same task)."""
     from iris_ref import tiny
 
-    source = _data_source(config)
-    return Path(source).resolve() == Path(tiny.TOY_TRAIN_PATH).resolve()
+    if not heldout:
+        return False
+    for example in heldout:
+        text = "\n".join(m["content"] for m in example.prompt_messages if m["role"] == "user")
+        try:
+            tiny.toy_valid_answers(text)
+        except ValueError:
+            return False
+    return True
 
 
 def load_data(config: IrisConfig, tokenizer):
@@ -259,11 +267,8 @@ def load_data(config: IrisConfig, tokenizer):
             continue
         kept.append(example)
         encoded.append(seq)
-    log(
-        f"data: {len(examples) + skips.total} rows read from {source}, {len(kept)} used; skipped: "
-        f"not a list {skips.not_a_list}, no assistant turn {skips.no_assistant_turn}, empty content "
-        f"{skips.empty_content}, unknown role {skips.unknown_role}, too long {skips.too_long + too_long}"
-    )
+    skips.too_long += too_long
+    log(f"data: {len(kept)} prompts used from {source} (skipped: {skips.describe()})")
     if not kept:
         raise InputError(f"dataset {source}: no valid rows left (every prompt longer than --max-prompt-length {config.max_prompt_length}?)")
     heldout = []
@@ -289,10 +294,7 @@ def training_args(config: IrisConfig, **overrides):
     """The trainer's TrainingArgs from the run config: every field of the same name, plus overrides."""
     from iris_ref.trainer import TrainingArgs
 
-    names = {f.name for f in dataclasses.fields(TrainingArgs)}
-    values = {name: getattr(config, name) for name in names if hasattr(config, name)}
-    values.update({k: v for k, v in overrides.items() if k in names})
-    return TrainingArgs(**values)
+    return TrainingArgs.from_config(config, **overrides)
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,24 +325,12 @@ def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfi
     return _gather_objects(local)
 
 
-def logprobs_split(policy, pairs: list, pad_token_id: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of (real, synthetic) pairs, each rank a share, gathered in order.
-
-    Every rank processes the same number of pairs (the shortest shares are padded with a copy
-    of their last pair and trimmed), so collective forwards (FSDP) stay in lockstep.
-    """
+def logprobs_split(policy, pairs: list, pad_token_id: int, micro_batch_size: int, bf16: bool = False):
+    """Sequence log-probs (no grad) of (real, synthetic-or-None) pairs; under torchrun the
+    trainer's `compute_logprobs` splits the pairs over ranks and gathers them in order."""
     from iris_ref.trainer import compute_logprobs
 
-    world = dist_utils.get_world_size()
-    share = dist_utils.shard_range(len(pairs))
-    local = [pairs[i] for i in share]
-    n_local = len(local)
-    if world > 1:
-        longest = math.ceil(len(pairs) / world)
-        local = local + [pairs[share.start if n_local == 0 else share.stop - 1]] * (longest - n_local)
-    real, synthetic = compute_logprobs(policy, local, pad_token_id, micro_batch_size)
-    real, synthetic = real[:n_local].float().cpu(), synthetic[:n_local].float().cpu()
-    return dist_utils.all_gather_1d(real), dist_utils.all_gather_1d(synthetic)
+    return compute_logprobs(policy, pairs, pad_token_id, micro_batch_size, bf16=bf16)
 
 
 # ----------------------------------------------------------------------------------------
@@ -396,24 +386,6 @@ def _crash_point() -> Optional[tuple[int, int]]:
     return int(iteration), int(step)
 
 
-STEP_SUMMARY_KEYS = (
-    "loss", "rewards/real", "rewards/synthetic", "rewards/margins", "rewards/accuracies",
-    "logps/real", "logps/synthetic", "weights/ess_real", "weights/ess_synthetic", "grad_norm",
-    "tokens_per_s", "peak_memory_mb",
-)
-
-
-def summarise_steps(records: list[dict]) -> dict[str, float]:
-    """Mean of each step metric over the iteration's optimizer steps (the table's loss/margin)."""
-    out = {}
-    for key in STEP_SUMMARY_KEYS:
-        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if values:
-            out[key] = float(np.mean(values))
-    out["steps"] = len(records)
-    return out
-
-
 def _train(policy, pairs, opp_real, opp_syn, *, alpha, args, pad_token_id, state_dir, step_log, phase: str) -> dict:
     from iris_ref import trainer
 
@@ -422,12 +394,8 @@ def _train(policy, pairs, opp_real, opp_syn, *, alpha, args, pad_token_id, state
             policy, pairs, opp_real, opp_syn, alpha=alpha, args=args, pad_token_id=pad_token_id,
             state_dir=state_dir, log_fn=step_log,
         )
-    except FloatingPointError as exc:
+    except trainer.NonFiniteLossError as exc:
         raise TrainingFailure(f"{phase}: {_one_line(exc)}") from None
-    except RuntimeError as exc:
-        if "non-finite" in str(exc).lower() or "nan" in str(exc).lower():
-            raise TrainingFailure(f"{phase}: {_one_line(exc)}") from None
-        raise
 
 
 def _evaluate(policy, tokenizer, heldout, config: IrisConfig, device, toy: bool) -> dict:
@@ -472,7 +440,7 @@ def _opponent_logps(iter_dir: Path, policy, opponent_hash: str, pairs, pad_token
         if saved.get("opponent_sha256") == opponent_hash and saved["real"].numel() == len(pairs):
             return saved
         log(f"iteration {iter_dir.name}: saved opponent log-probs belong to other weights; recomputing")
-    real, synthetic = logprobs_split(policy, pairs, pad_token_id, config.micro_batch_size)
+    real, synthetic = logprobs_split(policy, pairs, pad_token_id, config.micro_batch_size, config.bf16)
     payload = {
         "opponent_sha256": opponent_hash,
         "real": real,
@@ -500,6 +468,9 @@ def run(config: IrisConfig) -> dict:
     """
     from iris_ref.schedule import AlphaSchedule, per_token_scores
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the table
     info = dist_utils.init_distributed("cpu" if config.device == "cpu" else None)
     device = _device(config, info)
     try:
@@ -513,7 +484,7 @@ def run(config: IrisConfig) -> dict:
 
     tokenizer = load_tokenizer(config)
     examples, encoded, heldout = load_data(config, tokenizer)
-    toy = uses_toy_task(config)
+    toy = uses_toy_task(heldout)
 
     if dist_utils.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -531,7 +502,6 @@ def run(config: IrisConfig) -> dict:
         last_done += 1
     iter0 = run_dir / "iter_0"
     iter0.mkdir(exist_ok=True)
-    entries: list[dict] = []
     if _complete(iter0):
         start_path = iter0 / "checkpoint" if config.embedded else Path(config.model)
         policy_path = run_dir / f"iter_{last_done}" / "checkpoint" if last_done else start_path
@@ -544,21 +514,20 @@ def run(config: IrisConfig) -> dict:
             hf_model = tiny.build_tiny_model(tokenizer, seed=config.seed).to(device)
         else:
             hf_model = load_model(config.model, config, device)
-    if config.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        hf_model.config.use_cache = False
-    policy = dist_utils.prepare_model(hf_model)
+    # Wrapped once for the whole run (FSDP shards in place); the trainer enables gradient
+    # checkpointing for its own forwards only, so generation keeps its KV cache.
+    policy = dist_utils.prepare_model(hf_model, strategy=config.parallel)
 
     if not _complete(iter0):
         if config.embedded and config.sft_epochs > 0:
             log(f"SFT warm-up: {config.sft_epochs} epochs on {len(encoded)} annotated responses")
             step_log = StepLog(iter0 / "metrics.jsonl", 0, crash_at)
             args = training_args(config, loss="sft", epochs=config.sft_epochs, learning_rate=config.sft_learning_rate)
-            zeros = torch.zeros(len(encoded))
-            sft_summary = _train(policy, [(seq, seq) for seq in encoded], zeros, zeros, alpha=1.0, args=args,
+            sft_summary = _train(policy, [(seq, None) for seq in encoded], None, None, alpha=None, args=args,
                                  pad_token_id=pad_token_id, state_dir=iter0 / "trainer_state", step_log=step_log,
                                  phase="SFT warm-up")
-            sft_summary = {**_plain_dict(sft_summary), **summarise_steps(step_log.finish())}
+            step_log.finish()
+            sft_summary = _plain_dict(sft_summary)
             if dist_utils.is_main_process():
                 write_json(iter0 / "train_summary.json", sft_summary)
         if config.embedded:
@@ -635,9 +604,9 @@ def run(config: IrisConfig) -> dict:
         result = _train(policy, pairs, opp["real"], opp["synthetic"], alpha=alpha, args=training_args(config),
                         pad_token_id=pad_token_id, state_dir=iter_dir / "trainer_state", step_log=step_log,
                         phase=f"iteration {t}")
-        records = step_log.finish()
+        step_log.finish()
         train_summary = {
-            **_plain_dict(result), **summarise_steps(records),
+            **_plain_dict(result),
             "iteration": t, "alpha": alpha, "gap": gap, "first_gap": first_gap,
             "opponent_sha256": opponent_hash, "opponent_checkpoint": str(opponent_path),
             "generation_seconds": generation_seconds, "train_seconds": time.time() - t1,
