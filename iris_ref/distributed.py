@@ -207,7 +207,7 @@ def prepare_model(model: nn.Module, strategy: str = "auto", chunk_size: int = 10
 
     Returns a module whose forward gives sequence log-probs (see SequenceLogprobModule):
     plain, ``DistributedDataParallel`` or FSDP2-sharded. Idempotent on an already prepared
-    module. DDP uses ``broadcast_buffers=False`` (the only buffers are deterministic rotary
+    module. DDP uses ``forward_sync_buffers=False`` (the only buffers are deterministic rotary
     tables), so a no-grad forward involves no collective.
     """
     if strategy not in STRATEGIES:
@@ -224,7 +224,7 @@ def prepare_model(model: nn.Module, strategy: str = "auto", chunk_size: int = 10
         return nn.parallel.DistributedDataParallel(
             wrapped,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -247,6 +247,19 @@ def parallel_strategy(policy: nn.Module) -> str:
     from torch.distributed.fsdp import FSDPModule
 
     return "fsdp" if isinstance(policy, FSDPModule) else "none"
+
+
+def reshard(policy: nn.Module) -> None:
+    """Put FSDP2 parameters back into their sharded form (a no-op otherwise).
+
+    FSDP2 leaves the root's parameters unsharded after a forward that is not followed by a
+    backward (evaluation, scoring); an optimizer built then would hold the unsharded tensors.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def unwrap_model(policy: nn.Module) -> nn.Module:
@@ -295,7 +308,15 @@ def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
             wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         prefix = "policy."
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        # Tied parameters (input/output embeddings) come back as separate copies; make them
+        # one tensor again so that save_pretrained recognises the tie, as for a plain model.
+        first_name: dict[int, str] = {}
+        for name, param in hf_model.named_parameters(remove_duplicate=False):
+            if id(param) in first_name and name in state and first_name[id(param)] in state:
+                state[name] = state[first_name[id(param)]]
+            first_name.setdefault(id(param), name)
+        return state
     return {k: v.detach().to("cpu") for k, v in hf_model.state_dict().items()}
 
 

@@ -258,6 +258,7 @@ def compute_logprobs(
                 syn_out.append(logps[len(idx) :])
     finally:
         policy.train(was_training)
+        dist_utils.reshard(policy)
     empty = torch.zeros(0, dtype=torch.float32)
     real = torch.cat(real_out) if real_out else empty
     synthetic = (torch.cat(syn_out) if syn_out else empty) if with_synthetic else None
@@ -498,6 +499,7 @@ def train_iteration(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    dist_utils.reshard(policy)  # the optimizer must hold FSDP's sharded parameters
     optimizer = _make_optimizer(policy, args)
     from transformers import get_scheduler
 
