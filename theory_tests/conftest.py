@@ -4,8 +4,8 @@ Hypothesis profile "theory" (loaded here, for every file under theory_tests/):
 derandomize=True makes every run draw the same examples, so a CI failure reproduces
 exactly; deadline=None because timing is not what these tests measure. Individual tests set
 `max_examples` to keep `pytest theory_tests` within about two minutes on two busy cores.
-Select another profile with `pytest --hypothesis-profile=<name>`; "theory-thorough" draws
-ten times more random examples.
+`IRIS_HYPOTHESIS_PROFILE=theory-thorough` draws fresh random examples on every run instead, and
+`IRIS_EXAMPLES_SCALE=10` multiplies the example counts of the tests that use `examples()`.
 
 The helpers below build EXACT population objectives: every (prompt, response) cell of a finite
 table appears once among the annotated and once among the synthetic samples, with the
@@ -36,10 +36,17 @@ settings.register_profile(
     "theory-thorough",
     derandomize=False,
     deadline=None,
-    max_examples=1000,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("IRIS_HYPOTHESIS_PROFILE", "theory"))
+
+_EXAMPLES_SCALE = max(1, int(os.environ.get("IRIS_EXAMPLES_SCALE", "1")))
+
+
+def examples(count: int) -> int:
+    """A test's hypothesis example count, times IRIS_EXAMPLES_SCALE (default 1)."""
+    return count * _EXAMPLES_SCALE
+
 
 # Smallest probability the random distributions use where the claim needs a finite log-ratio
 # log(q/p) everywhere (optimal critics); zeros are exercised separately in test_divergences.

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iris_ref.objectives import iris_loss
-from theory_tests.conftest import distribution_pairs, evaluate_critic, reward_vectors
+from theory_tests.conftest import distribution_pairs, evaluate_critic, examples, reward_vectors
 from theory_tests.mutants import MUTANTS
 
 ALPHA_GRID = (0.02, 0.1, 0.3, 0.6, 0.9, 0.99, 1.0, 1.01, 1.2, 2.0, 4.0, 10.0, 30.0)
@@ -52,7 +52,7 @@ def check_C1(loss_fn, r, rs, beta=1.0):
     _assert_concentrating([real[a] for a in reversed(ALPHA_GRID) if a <= 1.0], "annotated, alpha decreasing from 1")
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(reward_vectors(min_size=2, max_size=8, bound=3.0), reward_vectors(min_size=2, max_size=8, bound=3.0), st.floats(0.1, 3.0))
 def test_C1_alpha_controls_concentration(r, rs, beta):
     """With uniform sample weights, the entropy and ESS of the synthetic weights are non-increasing in α, those of the annotated weights non-increasing as α moves away from 1, and the largest weight non-decreasing in the same sense."""
@@ -109,7 +109,7 @@ def c2_examples(draw):
     return r, rs, q, p
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(c2_examples(), st.floats(0.01, 3.0))
 def test_C2_small_reward_expansion(example, alpha):
     """For small rewards L_α = (E_ρ r' − E_π r) + (α/2)·Var_ρ r' + ((1−α)/2)·Var_π r + O(r³)."""

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iris_ref import divergences as D
-from theory_tests.conftest import distribution_pairs
+from theory_tests.conftest import distribution_pairs, examples
 
 mpmath.mp.dps = 60
 
@@ -49,7 +49,7 @@ def pairs_with_zeros_in_q(draw):
 ALPHAS = [1e-9, 1e-6, 1e-3, 0.05, 0.5, 1 - 1e-9, 1 - 5e-3, 1 + 1e-9, 1 + 5e-3, 2.0, 10.0, 50.0]
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(pairs_with_zeros_in_q())
 def test_renyi_matches_60_digit_definition(pair):
     """R_α(Q‖P) agrees with its definition in 60-digit arithmetic to 1e-12 (relative), for α in (0, 50] incl. 1 ± 1e-9."""
@@ -59,7 +59,7 @@ def test_renyi_matches_60_digit_definition(pair):
         assert D.renyi(q, p, alpha) == pytest.approx(expected, rel=1e-12, abs=1e-13), alpha
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(pairs_with_zeros_in_q())
 def test_kl_chi2_js_hellinger_match_60_digit_formulas(pair):
     """KL, reverse KL, χ², JS, H², BC agree with their textbook formulas in 60-digit arithmetic."""
@@ -77,7 +77,7 @@ def test_kl_chi2_js_hellinger_match_60_digit_formulas(pair):
     assert D.total_variation(q, p) == pytest.approx(float(sum(abs(a - b) for a, b in zip(Q, P)) / 2), rel=1e-13)
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(distribution_pairs(min_probability=1e-4))
 def test_renyi_special_orders_and_limits(pair):
     """R_1 = KL, R_0 = reverse KL, R_½ = −4·log BC, R_2 = ½·log(1 + χ²), continuous at α = 1 and α → 0."""
@@ -93,7 +93,7 @@ def test_renyi_special_orders_and_limits(pair):
         assert D.renyi(q, p, eps) == pytest.approx(rkl, rel=1e-6, abs=1e-12)
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(distribution_pairs(min_probability=0.0))
 def test_basic_inequalities(pair):
     """Non-negativity, JS ≤ log 2, ln2·H² ≤ JS ≤ H², TV² ≤ H²·(2 − H²), Pinsker TV ≤ sqrt(KL/2)."""
@@ -130,16 +130,16 @@ def test_zero_conventions():
     assert D.kl(a, a) == 0.0 and D.renyi(a, a, 3.0) == 0.0
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(pairs_with_zeros_in_q())
 def test_torch_agrees_with_numpy_and_differentiates(pair):
     """torch float64 inputs give the numpy values, and autograd of KL(Q‖P) w.r.t. p is −q/p."""
     q, p = pair
     qt, pt = torch.tensor(q), torch.tensor(p, requires_grad=True)
     for name in ("kl", "js", "hellinger_squared", "bhattacharyya", "chi2", "total_variation"):
-        assert float(getattr(D, name)(qt, pt).detach()) == pytest.approx(getattr(D, name)(q, p), rel=1e-14, abs=1e-16), name
+        assert float(getattr(D, name)(qt, pt).detach()) == pytest.approx(getattr(D, name)(q, p), rel=1e-12, abs=1e-15), name
     for alpha in (1e-6, 0.5, 1 + 1e-9, 2.0):
-        assert float(D.renyi(qt, pt, alpha).detach()) == pytest.approx(D.renyi(q, p, alpha), rel=1e-14, abs=1e-16)
+        assert float(D.renyi(qt, pt, alpha).detach()) == pytest.approx(D.renyi(q, p, alpha), rel=1e-12, abs=1e-15)
     (grad,) = torch.autograd.grad(D.kl(qt, pt), pt)
     # d/dp_i of Σ q log(q/p) with p renormalised inside: −q_i/p_i + Σ_j q_j = 1 − q_i/p_i.
     np.testing.assert_allclose(grad.numpy(), 1.0 - q / p, rtol=1e-12, atol=1e-12)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from iris_ref import divergences as D
 from iris_ref import tabular
 from iris_ref.objectives import iris_loss
+from theory_tests.conftest import examples
 from theory_tests.mutants import MUTANTS
 
 tasks = st.tuples(st.lists(st.integers(2, 5), min_size=1, max_size=3), st.integers(0, 10_000))
@@ -46,7 +47,7 @@ def check_F1(loss_fn, task, alpha, beta, probes=4, objective_constants=None, fix
             assert other >= value - 1e-12 * (1 + abs(value)), f"L(θ) = {other!r} < L(θt) = {value!r} (scale {scale})"
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(tasks, st.floats(0.02, 20.0), st.floats(0.05, 10.0))
 def test_F1_data_is_fixed_point(task_spec, alpha, beta):
     """If p_θt = p_data then in population L_α(θ) ≥ L_α(θt) = 0 for every θ, α > 0, β > 0, and ∇L_α(θt) = 0."""
@@ -54,7 +55,7 @@ def test_F1_data_is_fixed_point(task_spec, alpha, beta):
     check_F1(iris_loss, task, alpha, beta)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(tasks, st.floats(0.05, 10.0), st.floats(0.1, 10.0))
 def test_F1_baselines_data_is_fixed_point(task_spec, beta, mu):
     """At p_θt = p_data, SPIN (value log 2), SPACE (value (1+μ)log(1+μ) − μ log μ) and SPIF (value 0) are minimal with zero gradient."""
@@ -95,7 +96,7 @@ def check_F2(loss_fn, task, start, alpha, beta, iterations=4, steps=3):
     assert converged[1].tv <= 1e-7 and converged[2].tv <= 1e-7, f"not at p_data: TV {[h.tv for h in converged]}"
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(tasks, st.floats(0.2, 3.0), st.floats(0.2, 5.0))
 def test_F2_iteration_reaches_data(task_spec, alpha, beta):
     """Exact population IRIS iterations reach p_data when optimised to convergence (β = 1), and with a few small gradient steps per iteration KL(p_data‖p_θt) decreases, the gradient at θt being β·∇KL(p_data‖p_θ)."""

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from iris_ref import divergences as D
 from iris_ref import tabular
 from iris_ref.objectives import iris_loss, space_loss, spif_loss, spin_loss
-from theory_tests.conftest import distribution_pairs, evaluate_critic, population_critic_value, t64
+from theory_tests.conftest import distribution_pairs, evaluate_critic, examples, population_critic_value, t64
 from theory_tests.mutants import MUTANTS
 
 MASS = 1.0 - 1e-13
@@ -104,7 +104,7 @@ def check_R1(loss_fn, q, p, g):
             assert np.abs(grad_synthetic - dv_synthetic).max() <= 2 * delta * spread + TOL, f"alpha={alpha!r}: synthetic weights"
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(critic_pairs)
 def test_R1_alpha_to_one_gives_kl(example):
     """As α → 1, L_α and its gradient converge to the Donsker–Varadhan KL objective, and the optimum of −L_α tends to KL(p_data‖p_θt)."""
@@ -143,7 +143,7 @@ def check_R2(loss_fn, q, p, g):
     assert np.abs(space_grad).max() <= 1e-12, "SPACE gradient at log(q/p)"
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(critic_pairs)
 def test_R2_alpha_half_is_symmetric_bhattacharyya(example):
     """α = ½ is the symmetric point: L_½ is unchanged under (annotated, r) ↔ (synthetic, −r), its optimum is −4·log BC = −4·log(1 − H²), and SPACE's JS satisfies ln2·H² ≤ JS ≤ H²."""
@@ -176,7 +176,7 @@ def check_R3(loss_fn, q, p, g):
     _assert_optimal_critic(loss_fn, q, p, g_star, _directions(g), 0.5 * math.log1p(chi2), "alpha=2", alpha=2.0)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(critic_pairs)
 def test_R3_alpha_two_gives_log_one_plus_chi2(example):
     """The optimal value of −L_2 is ½·log(1 + χ²(p_data‖p_θt)), where χ² is exactly SPIF's optimal value."""
@@ -212,7 +212,7 @@ def check_R4(loss_fn, q, p, g):
         assert abs(loss - limit) <= alpha * spread**2 + TOL, f"alpha={alpha!r}: L={loss!r} vs reverse-KL limit {limit!r}"
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(critic_pairs)
 def test_R4_alpha_to_zero_gives_reverse_kl(example):
     """As α → 0, the optimum of −L_α tends to KL(p_θt‖p_data) (and L_α to its reverse-KL limit)."""
@@ -257,7 +257,7 @@ def check_R5(loss_fn, q, p, beta, alphas=(0.05, 0.5, 0.9, 1.0, 1.5, 2.0, 10.0)):
     assert np.abs(gr + beta * q).max() <= tol and np.abs(gs - beta * p).max() <= tol, "SPIF equals"
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(distribution_pairs(min_probability=0.0), st.floats(0.01, 10.0))
 def test_R5_common_start_same_gradient(pair, beta):
     """At θ = θt (all rewards 0) every IRIS order gives the gradient −E_π∇r + E_ρ∇r'; SPIN's (and μ=1 SPACE's) is half of it and SPIF's equals it."""
@@ -284,7 +284,7 @@ def _loss_and_grad(task, logits, opponent, objective, **constants):
     theta = logits.detach().clone().requires_grad_(True)
     loss = tabular.population_loss(task, theta, opponent, objective, **constants).loss
     (grad,) = torch.autograd.grad(loss, theta)
-    return float(loss), grad
+    return float(loss.detach()), grad
 
 
 def check_R6(loss_fn, task, opponent, alpha, probes=3):
@@ -312,7 +312,7 @@ def _task_and_opponent(sizes, seed):
     return task, task.data_logits() + task.random_logits(seed=seed + 1, scale=1.0)
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(tasks, st.floats(0.2, 3.0))
 def test_R6_iris_minimiser_is_data_for_every_alpha(task_spec, alpha):
     """With realizable tabular policies and β = 1, the minimiser of L_α over θ is p_θ = p_data for every α and any number of prompts."""
@@ -320,7 +320,7 @@ def test_R6_iris_minimiser_is_data_for_every_alpha(task_spec, alpha):
     check_R6(iris_loss, task, opponent, alpha)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(tasks, st.floats(0.1, 10.0))
 def test_R6_space_minimiser_is_data_for_every_mu(task_spec, mu):
     """With β = 1, SPACE's minimiser over tabular θ is p_data for every μ."""
@@ -329,7 +329,7 @@ def test_R6_space_minimiser_is_data_for_every_mu(task_spec, mu):
     assert tabular.tv_to_data(task, found) <= 1e-7
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(tasks, st.sampled_from([0.5, 1.0, 2.0]))
 def test_R6_spin_minimiser_is_tilted_opponent(task_spec, beta):
     """SPIN's minimiser over tabular θ is p_θt·(p_data/p_θt)^{1/β}, normalised per prompt."""

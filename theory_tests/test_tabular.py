@@ -14,6 +14,7 @@ from iris_ref import divergences as D
 from iris_ref import tabular
 from iris_ref.objectives import iris_loss
 from iris_ref.schedule import AlphaSchedule, auc_gap
+from theory_tests.conftest import examples
 
 
 def _task():
@@ -71,7 +72,7 @@ def test_divergence_helpers_are_joint_divergences():
     assert tabular.tv_to_data(task, task.data_logits()) <= 1e-15
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(st.lists(st.integers(2, 5), min_size=1, max_size=3), st.integers(0, 1000))
 def test_exact_auc_gap_matches_large_sample_estimate(sizes, seed):
     """The exact population gap agrees with schedule.auc_gap on samples with integer multiplicities proportional to the weights."""
