@@ -14,7 +14,12 @@ frozen opponent θt, either by K plain gradient steps of size η or to convergen
 Newton with exact Hessians, to a gradient tolerance; L-BFGS stalls on these ill-conditioned
 tables, see `_newton`). The logits of one prompt
 can be shifted together without changing the policy; the optimiser does not care, and all
-reported quantities are functions of the policy only.
+reported quantities are functions of the policy only. Shifts of the REWARDS are another matter:
+IRIS is invariant to one constant added to every reward (T_{1−α}[−r−c] + T_α[r+c] = L_α), not
+to a constant per prompt (SPIN, being pairwise within a prompt, is). With β = 1 the optimal
+critic log(p_data/p_θt) is reachable, so the minimiser is p_data for every α; with β ≠ 1 and
+several prompts it is not reachable up to one global constant, and the minimiser depends on α
+(THEORY.md R6).
 
 The adaptive order schedule needs the gap between the opponent's scores of annotated and
 synthetic responses. Its exact population analogue is used: the score of a response is its

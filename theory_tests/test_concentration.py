@@ -71,6 +71,17 @@ def test_C1_negative_control(mutant):
         check_C1(MUTANTS[mutant], R_FIX, RS_FIX)
 
 
+def test_C1_needs_uniform_sample_weights():
+    """With non-uniform π the annotated entropy can rise as α leaves 1 (dH/dt = −Cov_w(z, log π) − t·Var_w(z)), so C1's uniformity condition is needed."""
+    pi = np.array([0.7, 0.2, 0.1])
+    r = -np.log(pi)  # a ∝ π·e^{(α−1)r} = π^{2−α}: flatter than π for α slightly above 1
+    entropies = []
+    for alpha in (1.0, 1.05, 1.1):
+        _, grad_real, _, _ = evaluate_critic(iris_loss, r, np.zeros(2), real_weights=pi, alpha=alpha, beta=1.0)
+        entropies.append(_summary(-grad_real, "annotated")[0])
+    assert entropies[1] > entropies[0] and entropies[2] > entropies[1]
+
+
 # ------------------------------------------------------------------------------------ C2
 
 

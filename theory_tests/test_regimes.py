@@ -359,6 +359,25 @@ def test_R6_beta_not_one_minimiser_depends_on_alpha():
         assert float((torch.softmax(found, 0) - target).abs().max()) <= 1e-7
 
 
+def test_R6_iris_invariant_to_a_global_not_a_per_prompt_reward_shift():
+    """IRIS is unchanged by one constant added to every reward but not by a constant per prompt; SPIN is unchanged by either (why β ≠ 1 makes IRIS's minimiser α-dependent)."""
+    q = np.array([0.2, 0.1, 0.3, 0.4])
+    p = np.array([0.3, 0.3, 0.1, 0.3])
+    g = np.array([0.5, -1.0, 0.2, 0.7])
+    per_prompt = np.array([0.0, 0.0, 1.3, 1.3])  # cells 0-1 are prompt A, cells 2-3 prompt B
+    for alpha in (0.3, 1.0, 2.0):
+        base, _ = population_critic_value(iris_loss, q, p, g, alpha=alpha)
+        shifted, _ = population_critic_value(iris_loss, q, p, g + 0.9, alpha=alpha)
+        moved, _ = population_critic_value(iris_loss, q, p, g + per_prompt, alpha=alpha)
+        assert shifted == pytest.approx(base, rel=1e-13, abs=1e-14)
+        assert abs(moved - base) > 1e-3
+    # SPIN pairs live within one prompt: a per-prompt shift cancels in r(y) − r(y').
+    pairs_real, pairs_synthetic = np.array([0, 1, 2, 3, 0, 2]), np.array([1, 0, 3, 2, 0, 3])
+    spin_base, *_ = evaluate_critic(spin_loss, g[pairs_real], g[pairs_synthetic])
+    spin_moved, *_ = evaluate_critic(spin_loss, (g + per_prompt)[pairs_real], (g + per_prompt)[pairs_synthetic])
+    assert spin_moved == pytest.approx(spin_base, rel=1e-13)
+
+
 def _fixed_task():
     task = tabular.TabularTask(
         (torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), torch.tensor([0.2, 0.2, 0.5, 0.1], dtype=torch.float64)),
