@@ -367,6 +367,8 @@ def self_play(
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if schedule is not None and "alpha" in constants:
         raise ValueError("give either alpha or an AlphaSchedule, not both")
+    if schedule is not None and isinstance(objective, str) and objective != "iris":
+        raise ValueError(f"an AlphaSchedule applies to IRIS only, not to {objective!r}")
     theta = _check_logits(task, initial_logits, "initial_logits").detach().clone()
     history = [IterationRecord(0, kl_to_data(task, theta), tv_to_data(task, theta), logits=theta)]
     first_gap = None

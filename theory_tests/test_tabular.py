@@ -155,6 +155,8 @@ def test_bad_input_raises_value_error():
         tabular.kl_to_data(task, torch.zeros(7, dtype=torch.float32))
     with pytest.raises(ValueError, match="either alpha or"):
         tabular.self_play(task, torch.zeros(7, dtype=torch.float64), iterations=1, schedule=AlphaSchedule(), alpha=1.0)
+    with pytest.raises(ValueError, match="IRIS only"):
+        tabular.self_play(task, torch.zeros(7, dtype=torch.float64), "spin", iterations=1, schedule=AlphaSchedule())
     with pytest.raises(ValueError, match="alpha"):
         tabular.population_loss(task, torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64), "iris", alpha=0.0)
 
