@@ -95,7 +95,8 @@ def adaptive_alpha(gap: float, first_gap: float, alpha_min: float = 0.5, alpha_m
     if first_gap == 0.0:
         return alpha_min
     fraction = min(1.0, max(0.0, gap / first_gap))
-    return alpha_min + (alpha_max - alpha_min) * fraction
+    # Clamped because α_min + (α_max − α_min)·1 can round past α_max.
+    return min(alpha_max, max(alpha_min, alpha_min + (alpha_max - alpha_min) * fraction))
 
 
 def linear_alpha(iteration: int, num_iterations: int, alpha_start: float = 2.0, alpha_end: float = 0.5) -> float:
@@ -108,6 +109,8 @@ def linear_alpha(iteration: int, num_iterations: int, alpha_start: float = 2.0, 
         raise ValueError(f"iteration {iteration} outside [0, {num_iterations})")
     if num_iterations == 1:
         return alpha_start
+    if iteration == num_iterations - 1:
+        return alpha_end  # exactly, not up to rounding
     return alpha_start + (alpha_end - alpha_start) * iteration / (num_iterations - 1)
 
 

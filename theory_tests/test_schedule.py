@@ -76,6 +76,13 @@ def test_adaptive_alpha_non_decreasing_in_relative_gap(g1, g2, first_gap):
     assert adaptive_alpha(lo, first_gap) <= adaptive_alpha(hi, first_gap)
 
 
+def test_adaptive_alpha_never_rounds_past_alpha_max():
+    """α_min + (α_max − α_min)·1 rounds above α_max for some orders; the result is clamped."""
+    alpha_min, alpha_max = 0.30879735067865166, 8.522047844135448
+    assert alpha_min + (alpha_max - alpha_min) * 1.0 > alpha_max  # the rounding this guards against
+    assert adaptive_alpha(1.0, 1.0, alpha_min, alpha_max) == alpha_max
+
+
 def test_zero_first_gap_gives_alpha_min():
     """A zero first gap (already at the fixed point) gives α_min."""
     assert adaptive_alpha(0.3, 0.0, 0.5, 2.0) == 0.5
