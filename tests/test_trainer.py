@@ -104,8 +104,9 @@ def test_accumulated_gradient_equals_single_batch_gradient(float64_setup, tokeni
     one_pass = trainer_gradient(model, pairs, opp_real, opp_syn, loss, 0.5, micro=8, pad_token_id=pad)
     accumulated = trainer_gradient(model, pairs, opp_real, opp_syn, loss, 0.5, micro=2, pad_token_id=pad)
     assert max(float(t.abs().max()) for t in reference) > 1e-3  # a gradient worth comparing
-    assert max_rel_diff(one_pass, reference) < 1e-6
-    assert max_rel_diff(accumulated, reference) < 1e-6
+    # float64 model and log-probs: equal up to float64 rounding of differently ordered sums
+    assert max_rel_diff(one_pass, reference) < 1e-9
+    assert max_rel_diff(accumulated, reference) < 1e-9
 
 
 def test_micro_batch_local_iris_is_not_the_global_gradient(float64_setup, tokenizer):
@@ -130,7 +131,7 @@ def test_micro_batch_local_iris_is_not_the_global_gradient(float64_setup, tokeni
     iris_reference = reference_gradient(model, pairs, opp_real, opp_syn, "iris", 0.5, pad)
     assert max_rel_diff(micro_batch_local("iris"), iris_reference) > 1e-2
     spin_reference = reference_gradient(model, pairs, opp_real, opp_syn, "spin", 0.5, pad)
-    assert max_rel_diff(micro_batch_local("spin"), spin_reference) < 1e-6
+    assert max_rel_diff(micro_batch_local("spin"), spin_reference) < 1e-9
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tokenizer):
@@ -149,13 +150,13 @@ def test_gradient_checkpointing_gives_the_same_gradient(tokenizer):
 # the loop: schedule, metrics, determinism, resume, failures
 
 
-def run_iteration(tokenizer, *, seed=0, loss="iris", n_pairs=12, state_dir=None, log_fn=None, **overrides):
+def run_iteration(tokenizer, *, seed=0, loss="iris", n_pairs=8, state_dir=None, log_fn=None, **overrides):
     """Train a freshly built tiny model for one iteration; return (model, summary, metrics)."""
     model = build_tiny_model(tokenizer, seed=seed)
     pairs = random_pairs(tokenizer, n_pairs, seed=10)
     opp_real, opp_syn = trainer.compute_logprobs(model, pairs, tokenizer.pad_token_id, 8)
     values = dict(loss=loss, beta=1.0, optimizer="adamw", learning_rate=1e-3, warmup_ratio=0.2, epochs=2,
-                  global_batch_size=4, micro_batch_size=2, save_steps=2, seed=seed, progress=False)
+                  global_batch_size=4, micro_batch_size=4, save_steps=2, seed=seed, progress=False)
     values.update(overrides)
     args = trainer.TrainingArgs(**values)
     records = []
@@ -177,8 +178,8 @@ def deterministic(records):
 
 
 def test_metrics_schedule_and_first_step(tokenizer):
-    _, summary, records = run_iteration(tokenizer)
-    total, warmup, peak = 6, math.ceil(0.2 * 6), 1e-3  # 12 pairs / 4 per step x 2 epochs
+    _, summary, records = run_iteration(tokenizer, micro_batch_size=2)  # with the scoring pass
+    total, warmup, peak = 4, math.ceil(0.2 * 4), 1e-3  # 8 pairs / 4 per step x 2 epochs
     assert [r["step"] for r in records] == list(range(1, total + 1))
     expected_lr = [peak * s / warmup if s < warmup else peak * (total - s) / (total - warmup) for s in range(total)]
     assert [r["lr"] for r in records] == pytest.approx(expected_lr, rel=1e-12, abs=1e-15)
@@ -210,8 +211,6 @@ def test_same_seed_same_run_and_sft_learns(tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
     assert records_a[-1]["loss"] < records_a[0]["loss"]
     assert "rewards/real" not in records_a[0]
-    _, _, records_c = run_iteration(tokenizer, loss="sft", epochs=3, learning_rate=3e-3, warmup_ratio=0.0, seed=1)
-    assert deterministic(records_c) != deterministic(records_a)  # the seed matters (init and data order)
 
 
 class Crash(Exception):
@@ -221,23 +220,23 @@ class Crash(Exception):
 def test_resume_gives_the_uninterrupted_result(tokenizer, tmp_path):
     reference_model, reference_summary, reference_records = run_iteration(tokenizer)
 
-    # Stop after step 3 (state saved at 2 and 3), then resume with a fresh process's model.
-    _, stopped, _ = run_iteration(tokenizer, state_dir=tmp_path / "a", max_steps=3)
-    assert stopped["steps"] == 3 and trainer.saved_step(tmp_path / "a") == 3
+    # Stop after step 1 (state saved there), then resume with a fresh process's model.
+    _, stopped, _ = run_iteration(tokenizer, state_dir=tmp_path / "a", max_steps=1)
+    assert stopped["steps"] == 1 and trainer.saved_step(tmp_path / "a") == 1
     model_a, summary_a, records_a = run_iteration(tokenizer, state_dir=tmp_path / "a")
-    assert summary_a["resumed_from_step"] == 3
-    assert [r["step"] for r in records_a] == [4, 5, 6]
+    assert summary_a["resumed_from_step"] == 1
+    assert [r["step"] for r in records_a] == [2, 3, 4]
 
-    # Crash inside step 5's logging: the last saved state is step 4; steps 5 and 6 are redone.
+    # Crash inside step 3's logging: the last saved state is step 2; steps 3 and 4 are redone.
     def crash(record):
-        if record["step"] == 5:
+        if record["step"] == 3:
             raise Crash
 
     with pytest.raises(Crash):
         run_iteration(tokenizer, state_dir=tmp_path / "b", log_fn=crash)
-    assert trainer.saved_step(tmp_path / "b") == 4
+    assert trainer.saved_step(tmp_path / "b") == 2
     model_b, summary_b, records_b = run_iteration(tokenizer, state_dir=tmp_path / "b")
-    assert [r["step"] for r in records_b] == [5, 6]
+    assert [r["step"] for r in records_b] == [3, 4]
 
     for model in (model_a, model_b):
         for (name, a), b in zip(model.state_dict().items(), reference_model.state_dict().values()):
@@ -245,11 +244,11 @@ def test_resume_gives_the_uninterrupted_result(tokenizer, tmp_path):
     for summary in (summary_a, summary_b):
         assert deterministic([summary["final"]]) == deterministic([reference_summary["final"]])
         assert summary["loss"] == reference_summary["loss"]
-    assert deterministic(records_b) == deterministic(reference_records[4:])
+    assert deterministic(records_b) == deterministic(reference_records[2:])
 
 
 def test_resume_refuses_a_state_of_another_configuration(tokenizer, tmp_path):
-    run_iteration(tokenizer, state_dir=tmp_path, max_steps=2)
+    run_iteration(tokenizer, state_dir=tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="learning_rate"):
         run_iteration(tokenizer, state_dir=tmp_path, learning_rate=5e-4)
 
@@ -257,7 +256,7 @@ def test_resume_refuses_a_state_of_another_configuration(tokenizer, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tokenizer, tmp_path, monkeypatch):
     """A NaN weight appearing during step 3: the error names step 3, the step-2 state survives."""
     model = build_tiny_model(tokenizer, seed=0)
-    pairs = random_pairs(tokenizer, 12, seed=10)
+    pairs = random_pairs(tokenizer, 8, seed=10)
     opp_real, opp_syn = trainer.compute_logprobs(model, pairs, tokenizer.pad_token_id, 8)
     args = trainer.TrainingArgs(loss="iris", beta=1.0, optimizer="adamw", learning_rate=1e-3, epochs=2,
                                 global_batch_size=4, micro_batch_size=2, save_steps=2, progress=False)
