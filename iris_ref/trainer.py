@@ -211,7 +211,7 @@ def compute_logprobs(
     *,
     chunk_size: int = 1024,
     bf16: bool = False,
-    split_across_ranks: bool = False,
+    split_across_ranks: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sequence log-probs (no grad, eval mode) of the real and the synthetic response of every pair.
 
@@ -220,12 +220,12 @@ def compute_logprobs(
     annotated responses only). ``model``: a bare Hugging Face model or the module from
     ``distributed.prepare_model``.
 
-    ``split_across_ranks=True`` (under torchrun; every rank passes the same ``pairs``): each
-    rank scores its contiguous share (``distributed.shard_range``) and the results are
+    Under torchrun (default ``split_across_ranks=True``) every rank passes the same ``pairs``:
+    each rank scores its contiguous share (``distributed.shard_range``) and the results are
     all-gathered in order, so every rank returns the log-probs of all pairs. Every rank runs
     the same number of forwards (a rank with less data repeats one and discards it) because
-    an FSDP forward is collective. With the default ``False`` each rank scores exactly the
-    pairs it is given (the caller splits; under FSDP the callers must then pass equally many).
+    an FSDP forward is collective. With ``False`` each rank scores exactly the pairs it is
+    given (the caller splits; under FSDP the ranks must then pass equally many).
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
