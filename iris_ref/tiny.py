@@ -125,12 +125,12 @@ def _toy_prompt(rng: random.Random) -> str:
     if family == 0:
         return f"Give two digits that add up to {rng.randint(1, 17)}."
     if family == 1:
-        low = rng.randrange(0, 23)
-        high = rng.randint(low + 2, min(low + 8, 25))
+        low = rng.randrange(0, 22)
+        high = rng.randint(low + 3, min(low + 8, 25))
         return f"Name a letter between {string.ascii_lowercase[low]} and {string.ascii_lowercase[high]}."
     parity = rng.choice(["even", "odd"])
     low = rng.randint(0, 80)
-    high = low + rng.randint(3, 12)
+    high = low + rng.randint(5, 12)
     return f"Give an {parity} number between {low} and {high}."
 
 
