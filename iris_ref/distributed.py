@@ -8,8 +8,8 @@ docs/training_and_scaling.md for the launch commands):
    ``gloo`` on CPU. Without ``torchrun`` it does nothing and reports rank 0 of 1.
 2. ``policy = prepare_model(model, strategy=..., chunk_size=...)`` once per run, after the
    model is on its device. ``strategy``: ``"auto"`` (DDP when world > 1, plain otherwise),
-   ``"ddp"``, ``"fsdp"`` (FSDP2: ``fully_shard`` on every decoder layer, then on the root) or
-   ``"none"``. The returned module's ``forward(input_ids, attention_mask, response_mask)``
+   ``"ddp"``, ``"fsdp"`` (FSDP2: ``fully_shard`` on every decoder layer, then on the Hugging
+   Face model as root) or ``"none"``. The returned module's ``forward(input_ids, attention_mask, response_mask)``
    gives the sequence log-probs of the response tokens; pass it to
    ``trainer.train_iteration`` and ``trainer.compute_logprobs`` for every iteration (FSDP
    changes the parameters in place, so wrap once and keep the wrapper).
@@ -171,11 +171,12 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
 
 
 class SequenceLogprobModule(nn.Module):
-    """The unit that DDP and FSDP2 wrap: the policy's sequence log-probs as one forward.
+    """The policy's sequence log-probs as one forward: the unit the trainer calls.
 
     ``iris_ref.logprobs.sequence_logprobs`` runs the decoder and then the LM head chunk by
-    chunk; wrapping that whole computation (rather than the Hugging Face model's own
-    ``forward``) makes DDP's and FSDP2's forward hooks cover every parameter it touches.
+    chunk. DDP wraps this whole computation (rather than the Hugging Face model's own
+    ``forward``), so its forward/backward bookkeeping covers every parameter it touches.
+    Under FSDP2 this module stays plain and the Hugging Face model inside is the FSDP root.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
@@ -231,7 +232,11 @@ def prepare_model(model: nn.Module, strategy: str = "auto", chunk_size: int = 10
 
         for layer in _decoder_layers(model):
             fully_shard(layer)
-        fully_shard(wrapped)
+        # The Hugging Face model itself is the root (embeddings, final norm, LM head), so its
+        # own forward unshards them: log-probs, evaluation and `generate` all work on it.
+        # A root's parameters stay unsharded from its forward until its backward ends, which
+        # covers the chunked LM head that `sequence_logprobs` applies after the forward.
+        fully_shard(model)
     return wrapped
 
 
@@ -246,7 +251,7 @@ def parallel_strategy(policy: nn.Module) -> str:
         return "ddp"
     from torch.distributed.fsdp import FSDPModule
 
-    return "fsdp" if isinstance(policy, FSDPModule) else "none"
+    return "fsdp" if isinstance(unwrap_model(policy), FSDPModule) else "none"
 
 
 def reshard(policy: nn.Module) -> None:
@@ -283,11 +288,11 @@ def gradient_sync(policy: nn.Module, enabled: bool):
         with policy.no_sync():
             yield
     elif strategy == "fsdp":
-        policy.set_requires_gradient_sync(enabled)
+        unwrap_model(policy).set_requires_gradient_sync(enabled)
         try:
             yield
         finally:
-            policy.set_requires_gradient_sync(True)
+            unwrap_model(policy).set_requires_gradient_sync(True)
     else:
         yield
 
@@ -303,12 +308,9 @@ def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        wrapped = policy
         state = get_model_state_dict(
-            wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        prefix = "policy."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         # Tied parameters (input/output embeddings) come back as separate copies; make them
         # one tensor again so that save_pretrained recognises the tie, as for a plain model.
         first_name: dict[int, str] = {}
@@ -330,11 +332,7 @@ def load_full_model_state_dict(policy: nn.Module, state: dict[str, torch.Tensor]
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(
-            policy,
-            {"policy." + k: v for k, v in state.items()},
-            options=StateDictOptions(full_state_dict=True),
-        )
+        set_model_state_dict(unwrap_model(policy), state, options=StateDictOptions(full_state_dict=True))
         return
     unwrap_model(policy).load_state_dict(state)
 
@@ -348,7 +346,7 @@ def optimizer_state_dict(policy: nn.Module, optimizer: torch.optim.Optimizer) ->
         )
 
         return get_optimizer_state_dict(
-            policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            unwrap_model(policy), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
     return optimizer.state_dict()
 
@@ -361,7 +359,7 @@ def load_optimizer_state_dict(policy: nn.Module, optimizer: torch.optim.Optimize
         )
 
         set_optimizer_state_dict(
-            policy, optimizer, state, options=StateDictOptions(full_state_dict=True)
+            unwrap_model(policy), optimizer, state, options=StateDictOptions(full_state_dict=True)
         )
         return
     optimizer.load_state_dict(state)
