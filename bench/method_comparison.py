@@ -101,7 +101,7 @@ def base_options(args) -> dict:
     options = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in ("sft_epochs", "sft_learning_rate")}
     options.update(
         dataset=str(TOY_TRAIN_PATH), eval_dataset=str(TOY_HELDOUT_PATH), split="train", eval_split="train",
-        num_samples=args.num_train, eval_num_samples=args.num_heldout, iters=args.iters,
+        num_samples=args.num_train or None, eval_num_samples=args.num_heldout, iters=args.iters,
         device="cpu", generator="hf", bf16=False, gradient_checkpointing=False,
         save_steps=10**6,  # the bench does not resume mid-iteration; a finished iteration is kept
     )
@@ -242,11 +242,14 @@ def plan(args) -> tuple[list[Job], list[Job]]:
     warmups, jobs = [], []
     fraction_rows = None
     if args.data_efficiency:
-        total = args.num_train or _count_rows(base["dataset"])
+        total = _count_rows(base["dataset"])
         fraction_rows = max(base["global_batch_size"], int(round(args.fraction * total)))
     for seed in args.seeds:
         full_start = work / f"seed{seed}-warmup-all" / "checkpoint"
-        warmups.append(Job(f"seed{seed}-warmup-all", "warmup", seed, {**base, "model": None}))
+        # The starting SFT model sees every annotated row (the embedded default's warm-up);
+        # self-play then runs on `--num-train` seeded prompts of them, as SPIN ran on a 50k
+        # subset of the data its SFT model was trained on.
+        warmups.append(Job(f"seed{seed}-warmup-all", "warmup", seed, {**base, "num_samples": None, "model": None}))
         for method in args.methods:
             overrides = METHODS[method]
             options = {**base, "model": str(full_start)}
@@ -261,7 +264,8 @@ def plan(args) -> tuple[list[Job], list[Job]]:
             jobs.append(Job(f"seed{seed}-de-iris-fraction", "selfplay", seed,
                             {**frac, "model": str(frac_start), **METHODS["iris-adaptive"]}))
             jobs.append(Job(f"seed{seed}-de-sft-fraction", "sft", seed, {**frac, "model": str(frac_start)}))
-            jobs.append(Job(f"seed{seed}-de-sft-all", "sft", seed, {**base, "model": str(frac_start)}))
+            jobs.append(Job(f"seed{seed}-de-sft-all", "sft", seed,
+                            {**base, "num_samples": None, "model": str(frac_start)}))
     return warmups, jobs
 
 
@@ -442,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--num-train", type=int, default=None, help="training prompts (default: all toy rows)")
+    parser.add_argument("--num-train", type=int, default=500,
+                        help="self-play prompts, a seeded subset of the toy rows (default 500: keeps the "
+                             "3-seed run well under an hour on 2 cores; 0 = all rows)")
     parser.add_argument("--num-heldout", type=int, default=None, help="held-out prompts (default: all)")
     parser.add_argument("--fraction", type=float, default=0.25, help="data-efficiency: fraction of annotated rows")
     parser.add_argument("--data-efficiency", action=argparse.BooleanOptionalAction, default=True)
@@ -457,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args) -> None:
     if args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
+    if args.num_train < 0 or (args.num_heldout is not None and args.num_heldout < 1):
+        raise ValueError("--num-train must be >= 0 (0: all rows) and --num-heldout >= 1")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds must be distinct, got {args.seeds}")
     if not 0 < args.fraction < 1:

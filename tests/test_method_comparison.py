@@ -18,7 +18,7 @@ from bench import method_comparison as mc
 
 
 def _args(**overrides):
-    values = dict(seeds=[0, 1, 2], iters=3, methods=list(mc.METHODS), num_train=None, num_heldout=None,
+    values = dict(seeds=[0, 1, 2], iters=3, methods=list(mc.METHODS), num_train=500, num_heldout=None,
                   fraction=0.25, data_efficiency=True, workers=2, threads=1, work_dir="/tmp/mc-work",
                   results_dir="/tmp/mc-results", fresh=False)
     values.update(overrides)
@@ -49,6 +49,8 @@ def test_every_arm_of_a_seed_starts_from_the_same_model_with_the_same_budget():
         assert de["iris-fraction"].options["num_samples"] == 500  # 25% of the 2000 toy rows
         assert de["sft-fraction"].options["num_samples"] == 500
         assert de["sft-all"].options["num_samples"] is None  # every row
+        assert by_name["spin"].options["num_samples"] == 500
+    assert next(w for w in warmups if w.name == "seed0-warmup-all").options["num_samples"] is None
     fraction_warmup = next(w for w in warmups if w.name == "seed0-warmup-fraction")
     assert fraction_warmup.options["num_samples"] == 500 and fraction_warmup.options["model"] is None
 
