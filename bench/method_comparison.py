@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     command = "python bench/method_comparison.py" + ("" if not argv else " " + " ".join(argv))
     started = time.time()
+    args.load_at_start = os.getloadavg()[0]
     warmups, jobs = plan(args)
     results = execute(warmups, args)
     results.update(execute(jobs, args))
@@ -506,10 +507,12 @@ def _header(command: str, wall: float, args, cpu_seconds: float) -> list[str]:
     return [
         f"Command: `{command}`",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {env.get('cpu', env.get('platform'))}, "
-        f"{os.cpu_count()} logical CPUs, {args.workers} job(s) at once x {args.threads} torch thread(s); "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {env['device']}, "
+        f"{args.workers} job(s) at once x {args.threads} torch thread(s); "
         f"wall time {wall / 60:.1f} min (sum of job times {cpu_seconds / 60:.1f} min; finished jobs reused "
-        "from the work dir count with their original time).",
+        "from the work dir count with their original time); 1-minute load average "
+        f"{getattr(args, 'load_at_start', float('nan')):.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+        "(above 2 means other work shared the 2 cores, and the times are longer than on an idle machine).",
         "",
         f"Seeds {args.seeds}; {args.iters} iterations; toy task (`iris_ref/toy_data`), "
         f"{args.num_train or 'all'} training prompts, {args.num_heldout or 'all'} held-out prompts; "
