@@ -24,10 +24,10 @@ def tokenizer(tiny_checkpoint):
     return AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     """The tiny model in float64 with weights pushed away from the near-uniform init, so that
-    greedy decoding has clear winners."""
+    greedy decoding has clear winners. Shared: tests undo what they change."""
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).to(torch.float64)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -135,6 +135,7 @@ def test_seeded_sampling_is_deterministic_and_leaves_global_state_alone(model, t
     assert model.training
     again = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=8, seed=7, batch_size=2, backend="hf")
     other = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=8, seed=8, batch_size=2, backend="hf")
+    model.eval()
     assert first == again
     assert first != other
 
@@ -148,20 +149,21 @@ def test_greedy_results_do_not_depend_on_batching(model, tokenizer):
 
 def test_temperature_one_samples_the_model_distribution_ignoring_its_generation_defaults(model, tokenizer):
     a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # after one token the model must stop: a and b get p = 3/4 and 1/4 at step one; eos dominates after
+    # every logit is replaced: "a" and "b" get probabilities 3/4 and 1/4, everything else ~e^-40
     handle = boost_logits(model, {a: 40.0 + float(torch.log(torch.tensor(3.0))), b: 40.0})
-    model.generation_config = copy.deepcopy(model.generation_config)
+    original_config = model.generation_config
+    model.generation_config = copy.deepcopy(original_config)
     model.generation_config.top_k = 1  # e.g. a hub model's defaults: must not leak into sampling
     model.generation_config.repetition_penalty = 5.0
     try:
-        responses = generate_responses(model, tokenizer, PROMPTS[:1] * 400, max_new_tokens=1, batch_size=100, backend="hf")
+        responses = generate_responses(model, tokenizer, PROMPTS[:1] * 400, max_new_tokens=1, batch_size=200, backend="hf")
+        assert model.generation_config.top_k == 1  # the model's own settings are back
     finally:
         handle.remove()
+        model.generation_config = original_config
     assert set(responses) == {"a", "b"}
     share_a = responses.count("a") / len(responses)
     assert abs(share_a - 0.75) < 0.08
-    assert model.generation_config.top_k == 1  # restored
 
 
 def test_stops_at_end_of_turn_and_decodes_only_new_tokens(model, tokenizer):
