@@ -76,12 +76,14 @@ def generate_responses(
     batch_size: int = 16,
     backend: str = "auto",
     device: str = "cpu",
+    gpu_memory_utilization: float = 0.9,
 ) -> list[str]:
     """One sampled response per prompt (a list of chat turns), in the prompts' order.
 
     ``model_or_path``: a loaded causal LM (hf backend; used on its own device, and ``device``
     is ignored) or the path of a saved checkpoint (loaded on ``device`` for hf). Results are
-    deterministic for a given seed, batch size and backend.
+    deterministic for a given seed, batch size and backend. ``gpu_memory_utilization`` is
+    vLLM's share of the GPU: the training model should be off the GPU while vLLM runs.
     """
     _check_sampling(max_new_tokens, temperature, top_p, batch_size)
     has_path = isinstance(model_or_path, (str, Path))
@@ -92,7 +94,9 @@ def generate_responses(
         return []
     token_ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     if chosen == "vllm":
-        return _generate_vllm(str(model_or_path), tokenizer, token_ids, max_new_tokens, temperature, top_p, seed)
+        return _generate_vllm(
+            str(model_or_path), tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, gpu_memory_utilization
+        )
     if has_path:
         from transformers import AutoModelForCausalLM
 
@@ -181,14 +185,16 @@ def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p
 # ---------------------------------------------------------------------------------------
 
 
-def _generate_vllm(path, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed) -> list[str]:
+def _generate_vllm(
+    path, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, gpu_memory_utilization
+) -> list[str]:
     from vllm import LLM, SamplingParams
 
     # vLLM sets up torch.distributed for its workers; it is ours to tear down only if it
     # was not there before (under torchrun the trainer owns the process group).
     distributed_was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     stops = stop_token_ids(tokenizer)
-    llm = LLM(model=path, tokenizer=path, seed=seed, dtype="bfloat16")
+    llm = LLM(model=path, tokenizer=path, seed=seed, dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization)
     try:
         params = [
             SamplingParams(

@@ -45,13 +45,15 @@ def _chunk_token_logps(lm_head, hidden, targets, softcap, scale):
 
 def final_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
     """``[B, T, H]`` hidden states that the LM head would receive, with no logits computed."""
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
-    )
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True, "use_cache": False}
+    no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    try:
+        outputs = model(**inputs, logits_to_keep=no_logits)
+    except TypeError as error:
+        # remote-code models without `logits_to_keep`: same result, the logits are just wasted
+        if "logits_to_keep" not in str(error):
+            raise
+        outputs = model(**inputs)
     return outputs.hidden_states[-1]
 
 

@@ -185,3 +185,68 @@ def test_stops_at_end_of_turn_and_decodes_only_new_tokens(model, tokenizer):
 
 def test_empty_prompt_list(model, tokenizer):
     assert generate_responses(model, tokenizer, [], max_new_tokens=3, backend="hf") == []
+
+
+# --- the vLLM backend, against a stand-in with vLLM's API (vLLM itself needs CUDA) -------------
+
+
+class FakeVllm:
+    """Records what generate_responses asks of vLLM's ``LLM``/``SamplingParams`` API."""
+
+    def __init__(self):
+        self.calls = []
+
+    def module(self):
+        import types
+
+        fake = self
+        vllm = types.ModuleType("vllm")
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.calls.append(("init", kwargs))
+
+            def generate(self, prompts, sampling_params, use_tqdm=True):
+                fake.calls.append(("generate", prompts, [p.kwargs for p in sampling_params]))
+                completion = types.SimpleNamespace
+                return [completion(outputs=[completion(text=f"answer {i}")]) for i in range(len(prompts))]
+
+        vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+        parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+        parallel_state.cleanup_dist_env_and_memory = lambda: fake.calls.append(("cleanup",))
+        distributed = types.ModuleType("vllm.distributed")
+        distributed.parallel_state = parallel_state
+        vllm.distributed = distributed
+        return {"vllm": vllm, "vllm.distributed": distributed, "vllm.distributed.parallel_state": parallel_state}
+
+
+def test_vllm_backend_gets_the_same_token_ids_seeds_per_prompt_and_is_torn_down(
+    tiny_checkpoint, tokenizer, monkeypatch
+):
+    import sys
+
+    fake = FakeVllm()
+    for name, module in fake.module().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(generation, "vllm_is_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: fake.calls.append(("empty_cache",)))
+
+    responses = generate_responses(
+        tiny_checkpoint, tokenizer, PROMPTS, max_new_tokens=7, temperature=1.0, top_p=0.9, seed=11, backend="auto"
+    )
+
+    assert responses == [f"answer {i}" for i in range(len(PROMPTS))]
+    (_, init), (_, prompts, params), *teardown = fake.calls
+    assert init["model"] == str(tiny_checkpoint) and init["seed"] == 11 and init["dtype"] == "bfloat16"
+    assert prompts == [{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in PROMPTS]
+    assert [p["seed"] for p in params] == [11 + i for i in range(len(PROMPTS))]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(
+        (p["temperature"], p["top_p"], p["max_tokens"], p["stop_token_ids"]) == (1.0, 0.9, 7, [eos]) for p in params
+    )
+    assert teardown == [("cleanup",), ("empty_cache",)]
