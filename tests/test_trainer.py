@@ -21,6 +21,16 @@ LOSS_CONSTANTS = {"iris": {"alpha": 2.0}, "spin": {}, "space": {"mu": 1.0}, "spi
 NONDETERMINISTIC = ("tokens_per_s", "peak_memory_mb")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module's tiny matrices (restored afterwards): on a loaded
+    2-core machine two spinning threads per process made these tests ~15x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer()
