@@ -120,6 +120,28 @@ def toy_is_correct(prompt_text: str, response_text: str) -> bool:
     raise ValueError(f"not a toy-task prompt: {prompt_text[:80]!r}")
 
 
+def toy_answer_distance(prompt_text: str, responses: list[str]) -> float:
+    """Total-variation distance between the empirical distribution of ``responses`` (stripped)
+    and the data's answer distribution for the prompt (uniform over the valid answers).
+
+    Invalid answers count as outcomes the data never produces. 0 = the data's distribution,
+    1 = disjoint (e.g. only wrong answers). An empirical estimate: with n samples it is
+    biased upwards by about sqrt(k / n) for k valid answers, so compare like with like.
+    """
+    if not responses:
+        raise ValueError("toy_answer_distance needs at least one response")
+    valid = toy_valid_answers(prompt_text)
+    data_probability = 1.0 / len(valid)
+    counts: dict[str, int] = {}
+    for response in responses:
+        counts[response.strip()] = counts.get(response.strip(), 0) + 1
+    outcomes = set(counts) | set(valid)
+    total = len(responses)
+    return 0.5 * sum(
+        abs(counts.get(outcome, 0) / total - (data_probability if outcome in valid else 0.0)) for outcome in outcomes
+    )
+
+
 def _toy_prompt(rng: random.Random) -> str:
     family = rng.randrange(3)
     if family == 0:

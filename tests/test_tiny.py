@@ -15,6 +15,7 @@ from iris_ref.tiny import (
     build_tiny_model,
     build_tiny_tokenizer,
     make_toy_rows,
+    toy_answer_distance,
     toy_is_correct,
     toy_valid_answers,
     write_toy_data,
@@ -202,3 +203,14 @@ def test_non_toy_prompt_is_a_value_error():
         toy_is_correct("What is the capital of France?", "Paris")
     with pytest.raises(ValueError, match="not a toy-task prompt"):
         toy_valid_answers("hello")
+
+
+def test_answer_distance_to_the_data_distribution():
+    prompt = "Name a letter between c and h."  # valid: d e f g, each 1/4 in the data
+    assert toy_answer_distance(prompt, ["d", "e", "f", "g"]) == pytest.approx(0.0)
+    assert toy_answer_distance(prompt, [" d", "e\n", "f", "g"] * 3) == pytest.approx(0.0)
+    assert toy_answer_distance(prompt, ["d"] * 8) == pytest.approx(0.75)
+    assert toy_answer_distance(prompt, ["x", "y"]) == pytest.approx(1.0)
+    assert toy_answer_distance(prompt, ["d", "e", "x", "x"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least one response"):
+        toy_answer_distance(prompt, [])
