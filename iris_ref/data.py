@@ -86,8 +86,19 @@ def _quiet_datasets():
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    """One line for an exception, with its innermost cause (datasets wraps parser errors in a
+    generic DatasetGenerationError whose cause says what is wrong)."""
+
+    def describe(exc: BaseException) -> str:
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+    innermost = error
+    while innermost.__cause__ is not None and innermost.__cause__ is not innermost:
+        innermost = innermost.__cause__
+    if innermost is error:
+        return describe(error)
+    return f"{describe(error)} ({describe(innermost)})"
 
 
 def _load_rows(source: str, split: str):
