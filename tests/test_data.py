@@ -18,6 +18,8 @@ from iris_ref.data import (
     stop_token_ids,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):

@@ -10,6 +10,8 @@ from iris_ref import generation
 from iris_ref.data import prompt_ids
 from iris_ref.generation import choose_backend, generate_responses
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     [{"role": "user", "content": "Give two digits that add up to 11."}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a letter between c and h."}],

@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from iris_ref.logprobs import sequence_logprobs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def naive_sequence_logprobs(model, input_ids, attention_mask, response_mask):
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -21,6 +21,8 @@ from iris_ref.tiny import (
     write_toy_data,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
