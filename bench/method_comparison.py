@@ -29,7 +29,8 @@ seeds, and the paired difference to continued SFT at the last iteration.
 Outputs: ``bench/results/method_comparison.{json,md,png}`` and
 ``bench/results/data_efficiency.{json,md,png}``, each with the exact command in its header.
 Work files (checkpoints, per-job results) go to ``--work-dir``; a finished job's
-``result.json`` is reused, so an interrupted bench continues where it stopped.
+``result.json`` is reused when its options are the same (so an interrupted bench continues
+where it stopped) and redone otherwise; ``--fresh`` starts from nothing.
 
 CPU threads: every job runs in its own process with ``torch.set_num_threads(threads)``;
 ``--workers 2 --threads 1`` (the default) keeps both cores busy with two jobs at once,
@@ -216,7 +217,11 @@ def run_job(job: Job, work_root: str, threads: int) -> dict:
     work = Path(work_root) / job.name
     done = work / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        cached = json.loads(done.read_text())
+        if cached.get("options") == json.loads(json.dumps(job.options)):
+            return cached
+        # Same job name, other settings (e.g. another --num-train): never reuse; start afresh.
+        shutil.rmtree(work)
     started = time.time()
     with _logged(work / "log.txt"):
         if job.kind == "warmup":
@@ -225,7 +230,7 @@ def run_job(job: Job, work_root: str, threads: int) -> dict:
             result = self_play(job, work)
         else:
             result = continued_sft(job, work)
-    result.update(job=job.name, seed=job.seed, seconds=time.time() - started, threads=threads)
+    result.update(job=job.name, seed=job.seed, seconds=time.time() - started, threads=threads, options=job.options)
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, done)
