@@ -49,20 +49,21 @@ PAPER_DEFAULTS: dict[str, Any] = {
 # Chosen from measurements on the toy task (docs/usage.md, "Embedded default").
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "beta": 1.0,
-    "learning_rate": 1e-3,
+    "learning_rate": 1e-4,
     "optimizer": "adamw",
     "warmup_ratio": 0.1,
-    "epochs": 2,
+    "epochs": 1,
     "global_batch_size": 32,
     "micro_batch_size": 16,
     "max_length": 64,
     "max_prompt_length": 32,
     "num_samples": None,  # every toy training row
-    "sft_epochs": 6,
+    "sft_epochs": 2,
     "sft_learning_rate": 3e-3,
     "eval_num_samples": None,  # every held-out row
     "generation_batch_size": 64,
     "save_steps": 20,
+    "threads": 1,
 }
 
 
@@ -120,10 +121,10 @@ class IrisConfig:
     optimizer: Optional[Literal["rmsprop", "adamw"]] = _opt(
         None, "Optimizer. Default: rmsprop without weight decay (SPIN) with --model; adamw for the embedded default (measured)."
     )
-    learning_rate: Optional[float] = _opt(None, "Peak learning rate. Default: 5e-7 (SPIN) with --model; 1e-3 embedded (measured).")
+    learning_rate: Optional[float] = _opt(None, "Peak learning rate. Default: 5e-7 (SPIN) with --model; 1e-4 embedded (measured).")
     weight_decay: float = _opt(0.0, "Weight decay (SPIN: 0).")
     warmup_ratio: Optional[float] = _opt(None, "Fraction of steps of linear warmup, then linear decay. Default: 0.1 (SPIN).")
-    epochs: Optional[int] = _opt(None, "Epochs per iteration. Default: 2 (SPIN).")
+    epochs: Optional[int] = _opt(None, "Epochs per iteration. Default: 2 (SPIN); 1 embedded (time budget).")
     global_batch_size: Optional[int] = _opt(None, "Pairs per optimizer step. Default: 64 (SPIN: 8 GPUs x 8); 32 embedded.")
     micro_batch_size: Optional[int] = _opt(None, "Pairs per forward/backward (gradient accumulation; per rank under torchrun). Default: 8 (SPIN per-device); 16 embedded.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (TRL/transformers default 1.0).")
@@ -146,7 +147,7 @@ class IrisConfig:
     generator: Literal["auto", "vllm", "hf"] = _opt("auto", "Generation backend: vLLM when importable and CUDA is present (auto), else transformers.")
     generation_batch_size: Optional[int] = _opt(None, "Prompts per generation batch (transformers backend). Default: 16; 64 embedded.")
     # --- embedded default: SFT warm-up ---------------------------------------------------
-    sft_epochs: Optional[int] = _opt(None, "Epochs of SFT warm-up before self-play. Default: 0 with --model (the model is the SFT model); 6 embedded.")
+    sft_epochs: Optional[int] = _opt(None, "Epochs of SFT warm-up before self-play. Default: 0 with --model (the model is the SFT model); 2 embedded.")
     sft_learning_rate: Optional[float] = _opt(None, "Learning rate of the SFT warm-up. Default: --learning-rate; 3e-3 embedded.")
     # --- run ---------------------------------------------------------------------------
     output_dir: Optional[str] = _opt(None, "Run directory. Default: runs/<model name>-<loss>.")
@@ -154,6 +155,10 @@ class IrisConfig:
     overwrite: bool = _opt(False, "Delete an existing run in --output-dir and start afresh.")
     seed: int = _opt(0, "Seed of data subset, sampling, initialisation and data order.")
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    threads: Optional[int] = _opt(
+        None, "torch intra-op CPU threads. Default: torch's own with --model; 1 embedded (measured: the tiny model's "
+        "matrices gain nothing from more, and an oversubscribed machine made 2 threads 10x slower)."
+    )
     trust_remote_code: bool = _opt(False, "Allow custom model code from the hub (off: safe loading).")
 
     # ---------------------------------------------------------------------------------
@@ -231,6 +236,8 @@ class IrisConfig:
                      "max_new_tokens", "generation_batch_size", "save_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.sft_epochs < 0:
             raise ConfigError(f"--sft-epochs must be >= 0, got {self.sft_epochs}")
         for name in ("num_samples", "eval_num_samples"):
@@ -264,7 +271,7 @@ class IrisConfig:
 
 
 # Options that may differ between the original run and a --resume of it.
-RESUMABLE_CHANGES = frozenset({"iters", "resume", "overwrite", "device", "generator", "generation_batch_size"})
+RESUMABLE_CHANGES = frozenset({"iters", "resume", "overwrite", "device", "generator", "generation_batch_size", "threads"})
 
 
 def _check_choice(name: str, value, choices) -> None:

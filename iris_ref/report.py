@@ -109,7 +109,7 @@ def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: 
     draw_steps(axes[0, 0], [("loss", "loss")], "training loss")
     draw_steps(axes[0, 1], [("rewards/real", "real"), ("rewards/synthetic", "synthetic")], "rewards (beta * log-ratio)")
     draw_steps(axes[0, 2], [("rewards/margins", "margin"), ("rewards/accuracies", "accuracy")], "reward margin / accuracy")
-    draw_steps(axes[0, 3], [("weights/ess_real", "real"), ("weights/ess_synthetic", "synthetic")], "weight ESS (fraction of batch)")
+    draw_steps(axes[0, 3], [("weights/ess_real", "real"), ("weights/ess_synthetic", "synthetic")], "weight ESS 1/sum(w^2) (max = batch size)")
 
     its = [e["iteration"] for e in iterations]
 

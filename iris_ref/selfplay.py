@@ -149,32 +149,45 @@ def check_model_source(model: str, trust_remote_code: bool = False) -> None:
 
 
 def _resolve_run_dir(config: IrisConfig) -> tuple[IrisConfig, Path]:
-    """Create or reopen the run directory; on --resume the saved config wins (see RESUMABLE_CHANGES)."""
+    """Create or reopen the run directory; on --resume the saved config must agree (options in
+    RESUMABLE_CHANGES may differ). Decided on rank 0 and broadcast, so every rank agrees."""
     run_dir = Path(config.output_dir)
-    saved = run_dir / "config.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if config.overwrite:
-            if dist_utils.is_main_process():
-                shutil.rmtree(run_dir)
-            dist_utils.barrier()
-        elif config.resume:
-            if not saved.exists():
-                raise InputError(f"--resume: {run_dir} holds no config.json, so it is not an iris-ref run")
-            old = config_from_dict(json.loads(saved.read_text(encoding="utf-8"))["config"])
-            changed = [
-                f.name for f in dataclasses.fields(IrisConfig)
-                if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(config, f.name)
-            ]
-            if changed:
-                name = changed[0]
-                raise InputError(
-                    f"--resume with changed option --{name.replace('_', '-')} "
-                    f"(run has {getattr(old, name)!r}, given {getattr(config, name)!r}); use a new --output-dir"
-                )
-            return config, run_dir
-        else:
-            raise InputError(f"output dir {run_dir} already holds a run; pass --resume to continue it or --overwrite")
+    verdict = None
+    if dist_utils.is_main_process():
+        verdict = _run_dir_verdict(config, run_dir)
+    verdict = dist_utils.broadcast_object(verdict)
+    if verdict[0] == "error":
+        raise InputError(verdict[1])
+    if verdict[0] == "overwrite":
+        if dist_utils.is_main_process():
+            shutil.rmtree(run_dir)
+        dist_utils.barrier()
     return config, run_dir
+
+
+def _run_dir_verdict(config: IrisConfig, run_dir: Path) -> tuple[str, str]:
+    saved = run_dir / "config.json"
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return ("fresh", "")
+    if config.overwrite:
+        return ("overwrite", "")
+    if not config.resume:
+        return ("error", f"output dir {run_dir} already holds a run; pass --resume to continue it or --overwrite")
+    if not saved.exists():
+        return ("error", f"--resume: {run_dir} holds no config.json, so it is not an iris-ref run")
+    try:
+        old = config_from_dict(json.loads(saved.read_text(encoding="utf-8"))["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return ("error", f"--resume: cannot read {saved}: {_one_line(exc)}")
+    changed = [
+        f.name for f in dataclasses.fields(IrisConfig)
+        if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        name = changed[0]
+        return ("error", f"--resume with changed option --{name.replace('_', '-')} "
+                         f"(run has {getattr(old, name)!r}, given {getattr(config, name)!r}); use a new --output-dir")
+    return ("resume", "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,10 +330,17 @@ def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfi
 
     share = dist_utils.shard_range(len(prompts))
     local_prompts = [prompts[i] for i in share]
+    from_path = isinstance(model_or_path, (str, Path))
+    extra = {}
+    if from_path and str(device).startswith("cuda") and torch.cuda.is_available():
+        # vLLM shares the GPU with the resident training model: give it most of what is free.
+        free, total = torch.cuda.mem_get_info()
+        extra["gpu_memory_utilization"] = max(0.05, 0.85 * free / total)
     local = generation.generate_responses(
-        model_or_path, tokenizer, local_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=config.top_p, seed=seed + 100003 * dist_utils.get_rank(), batch_size=config.generation_batch_size,
-        backend=config.generator, device=str(device),
+        str(model_or_path) if from_path else model_or_path, tokenizer, local_prompts, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=config.top_p, seed=seed + 100003 * dist_utils.get_rank(),
+        batch_size=config.generation_batch_size, backend=config.generator if from_path else "hf",
+        device=str(device), **extra,
     ) if local_prompts else []
     return _gather_objects(local)
 
@@ -466,6 +486,16 @@ def run(config: IrisConfig) -> dict:
     Raises InputError for bad input (before any model is loaded) and TrainingFailure when the
     run must stop (non-finite loss).
     """
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: IrisConfig) -> dict:
     from iris_ref.schedule import AlphaSchedule, per_token_scores
 
     from transformers.utils import logging as hf_logging
@@ -564,7 +594,7 @@ def run(config: IrisConfig) -> dict:
             if config.generator == "auto" and str(device).startswith("cuda"):
                 from iris_ref import generation
 
-                use_path = use_path or getattr(generation, "vllm_available", lambda: False)()
+                use_path = use_path or generation.vllm_is_importable()
             source = str(opponent_path) if use_path else dist_utils.unwrap_model(policy)
             synthetic = generate_split(source, tokenizer, prompts, config=config, seed=config.seed * 1000 + t,
                                        temperature=config.temperature, device=device, max_new_tokens=config.max_new_tokens)
