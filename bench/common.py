@@ -208,6 +208,25 @@ def run_isolated(module: str, function: str, kwargs: dict, timeout: float = 600)
 # ----------------------------------------------------------------------------- timing
 
 
+def set_cpu_threads(threads: int) -> None:
+    """Use ``threads`` intra-op CPU threads in this process and in :func:`run_isolated` children.
+
+    The benchmarks default to one: the machines here are shared, and an OpenMP pool of two
+    threads on two cores stalls at every small operator whenever another process holds a core
+    (measured here: tiny-model generation 14x slower with 2 threads than with 1 under load).
+    Ratios measured side by side do not depend on the choice; absolute CPU times are not
+    reported as results anyway.
+    """
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+
 def synchronize(device: str) -> None:
     import torch
 

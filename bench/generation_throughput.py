@@ -6,10 +6,12 @@ Qwen2 model and tokenizer (``iris_ref.tiny``), for the same 64 toy prompts at ev
 in (1, 4, 16, 64), ``max_new_tokens`` 32. The batch sizes are interleaved in ABBA order and
 repeated; the median time of each is reported.
 
-Tokens counted: the generated responses re-encoded with the same tokenizer (without special
-tokens), plus one end-of-turn token for a response shorter than the limit. Re-encoding
-text can merge tokens the model emitted separately, so the count, and the throughput, err on
-the low side; the same rule applies to every batch size, so their ratios are exact.
+Tokens counted: exactly the tokens the model generated, read from the output of
+``model.generate`` (wrapped on the model instance for the benchmark): each row's new tokens
+up to and including its first stop token, padding after a stop excluded. (Re-encoding the
+returned text would be wrong: a random model emits partial UTF-8 byte tokens whose decoded
+replacement characters re-encode to three tokens each.) vLLM, which runs from a checkpoint
+path in its own engine, is counted by re-encoding its responses, and says so.
 
 With CUDA and vLLM installed, vLLM (``backend="vllm"``: a fresh engine from the saved
 checkpoint, freed afterwards, engine start-up included in its time, as in a self-play
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import alternate, median, write_results  # noqa: E402
+from bench.common import alternate, median, set_cpu_threads, write_results  # noqa: E402
 
 NAME = "generation_throughput"
 BATCH_SIZES = (1, 4, 16, 64)
@@ -43,11 +45,30 @@ def load_prompts(num_prompts: int) -> list[list[dict]]:
     return [ex.prompt_messages for ex in examples]
 
 
-def count_tokens(tokenizer, responses: list[str], max_new_tokens: int) -> int:
+class GeneratedTokenCounter:
+    """Wraps ``model.generate`` on one model instance and counts the tokens it generates."""
+
+    def __init__(self, model, stop_ids):
+        self.tokens = 0
+        stops = set(stop_ids)
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            output = original(*args, **kwargs)
+            prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            for row in output[:, prompt.shape[1]:].tolist():
+                self.tokens += next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            return output
+
+        model.generate = generate
+
+
+def reencoded_tokens(tokenizer, responses: list[str], max_new_tokens: int) -> int:
+    """Approximate count for backends whose token ids are not visible (vLLM): re-encoded text."""
     total = 0
     for text in responses:
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        total += n + 1 if n < max_new_tokens else n  # shorter than the limit: it stopped on end-of-turn
+        total += min(n + 1, max_new_tokens)  # + the stop token, when it stopped before the limit
     return total
 
 
@@ -61,6 +82,7 @@ def run_benchmark(
 ) -> dict:
     import torch
 
+    from iris_ref.data import stop_token_ids
     from iris_ref.generation import generate_responses
     from iris_ref.tiny import build_tiny_tokenizer, save_tiny_checkpoint
 
@@ -73,15 +95,20 @@ def run_benchmark(
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint).to(device).eval()
-        outputs: dict[str, list[str]] = {}
+        counter = GeneratedTokenCounter(model, stop_token_ids(tokenizer))
+        generated: dict[str, int] = {}
 
         def variant(batch_size: int, backend: str):
             def call():
                 source = model if backend == "hf" else str(checkpoint)
+                counter.tokens = 0
                 with torch.no_grad():
-                    outputs[f"{backend}_{batch_size}"] = generate_responses(
+                    responses = generate_responses(
                         source, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
                         seed=0, batch_size=batch_size, backend=backend, device=device)
+                name = f"{backend}_{batch_size}"
+                generated[name] = counter.tokens if backend == "hf" else reencoded_tokens(
+                    tokenizer, responses, max_new_tokens)
             return call
 
         variants = {f"hf_{b}": variant(b, "hf") for b in batch_sizes}
@@ -91,7 +118,7 @@ def run_benchmark(
     rows = []
     for name, samples in times.items():
         backend, batch = name.split("_")
-        tokens = count_tokens(tokenizer, outputs[name], max_new_tokens)
+        tokens = generated[name]
         seconds = median(samples)
         rows.append({"backend": backend, "batch_size": int(batch), "generated_tokens": tokens,
                      "median_s": seconds, "samples_s": samples, "tokens_per_s": tokens / seconds})
@@ -100,7 +127,8 @@ def run_benchmark(
         "device": device,
         "settings": {"model": "iris_ref.tiny random Qwen2", "prompts": num_prompts, "max_new_tokens": max_new_tokens,
                      "temperature": 1.0, "top_p": 1.0, "repeats": repeats, "order": "ABBA interleaved",
-                     "token_count": "responses re-encoded (+1 end-of-turn token when shorter than the limit)"},
+                     "token_count": "hf: tokens returned by model.generate up to and including the first stop; "
+                                    "vllm: responses re-encoded"},
         "rows": rows,
         "speedup_largest_vs_batch1": hf[max(batch_sizes)] / hf[min(batch_sizes)],
         "absolute_times_meaningful": str(device).startswith("cuda"),
@@ -118,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (see bench.common.set_cpu_threads)")
     args = parser.parse_args(argv)
+    if not args.device.startswith("cuda"):
+        set_cpu_threads(args.threads)
     if args.repeats < 1 or args.max_new_tokens < 1:
         parser.error("--repeats and --max-new-tokens must be >= 1")
     with_vllm = args.device.startswith("cuda") and importlib.util.find_spec("vllm") is not None

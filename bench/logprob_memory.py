@@ -36,7 +36,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MIB, PeakMemory, build_qwen2, median, run_isolated, time_call, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    MIB,
+    PeakMemory,
+    build_qwen2,
+    median,
+    run_isolated,
+    set_cpu_threads,
+    time_call,
+    write_results,
+)
 
 NAME = "logprob_memory"
 DEFAULTS = dict(vocab_size=151_936, hidden_size=64, batch_size=4, seq_len=1024, prompt_len=128, chunk_size=1024)
@@ -153,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant (alternating)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (see bench.common.set_cpu_threads)")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
     args = parser.parse_args(argv)
+    if not args.device.startswith("cuda"):
+        set_cpu_threads(args.threads)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     settings = {key: getattr(args, key) for key in DEFAULTS}

@@ -36,7 +36,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MIB, PeakMemory, build_qwen2, median, random_pairs, run_isolated, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    MIB,
+    PeakMemory,
+    build_qwen2,
+    median,
+    random_pairs,
+    run_isolated,
+    set_cpu_threads,
+    write_results,
+)
 
 NAME = "train_memory"
 TARGET_RATIO = 1.1
@@ -129,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (see bench.common.set_cpu_threads)")
     args = parser.parse_args(argv)
+    if not args.device.startswith("cuda"):
+        set_cpu_threads(args.threads)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     result = run_benchmark(dict(DEFAULTS), args.repeats, args.device)
