@@ -24,6 +24,9 @@ would also work but reports per-operator events rather than a process peak. On C
 worker uses ``torch.cuda.max_memory_allocated``. The variants alternate (naive, chunked,
 chunked, naive, ...) and the headline ``ratio`` is median(chunked) / median(naive).
 
+The chunk size is the project's default (1024 positions, as the trainer uses); with
+``--chunk-size N`` the results go to ``bench/results/logprob_memory_chunkN.json`` instead.
+
 Each worker also returns the per-sequence log-probs and the gradient norm, and the benchmark
 checks that both variants agree, so a memory win can never come from computing something else.
 """
@@ -176,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if agreement["max_abs_logp_diff"] > 1e-2 * settings["seq_len"] or agreement["grad_norm_rel_diff"] > 1e-3:
         print(f"error: chunked and naive log-probs disagree: {agreement}", file=sys.stderr)
         return 1
-    write_results(NAME, result)
+    # A non-default chunk size is a different experiment: its own results file.
+    name = NAME if args.chunk_size == DEFAULTS["chunk_size"] else f"{NAME}_chunk{args.chunk_size}"
+    write_results(name, result)
     peak = result["peak_mib"]
     print(f"naive peak {peak['naive']:.0f} MiB, chunked peak {peak['chunked']:.0f} MiB ({args.device})")
     print(f"logprob_memory ratio (chunked/naive peak memory, fwd+bwd): {result['ratio']:.3f} (target <= {TARGET_RATIO})")
