@@ -429,6 +429,21 @@ def _evaluate(policy, tokenizer, heldout, config: IrisConfig, device, toy: bool)
     )
 
 
+def _check_finite(policy, probe_pairs, pad_token_id: int, config: IrisConfig, phase: str) -> None:
+    """Refuse to save a model whose weights or log-probs are not finite: the trainer checks
+    each step's loss and gradient, not what its last update produced."""
+    for name, param in dist_utils.unwrap_model(policy).named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not torch.isfinite(local).all():
+            raise TrainingFailure(f"{phase}: non-finite weights ({name}) after the last optimizer step; "
+                                  "not saved, the previous checkpoint is intact (lower the learning rate)")
+    real, synthetic = logprobs_split(policy, probe_pairs, pad_token_id, config.micro_batch_size, config.bf16)
+    values = real if synthetic is None else torch.cat([real, synthetic])
+    if not torch.isfinite(values).all():
+        raise TrainingFailure(f"{phase}: non-finite log-probs after the last optimizer step; not saved, "
+                              "the previous checkpoint is intact (lower the learning rate)")
+
+
 def _save_checkpoint(policy, path: Path, tokenizer) -> None:
     dist_utils.save_full_checkpoint(policy, path, tokenizer=tokenizer)
 
@@ -561,6 +576,8 @@ def _run(config: IrisConfig) -> dict:
             if dist_utils.is_main_process():
                 write_json(iter0 / "train_summary.json", sft_summary)
         if config.embedded:
+            _check_finite(policy, [(seq, None) for seq in encoded[: config.micro_batch_size]], pad_token_id, config,
+                          "SFT warm-up")
             _save_checkpoint(policy, iter0 / "checkpoint", tokenizer)
         elif dist_utils.is_main_process():
             write_json(iter0 / "source.json", {"model": config.model})
@@ -643,6 +660,7 @@ def _run(config: IrisConfig) -> dict:
         }
 
         # 6. save θ_t atomically, evaluate, mark complete
+        _check_finite(policy, pairs[: config.micro_batch_size], pad_token_id, config, f"iteration {t}")
         _save_checkpoint(policy, iter_dir / "checkpoint", tokenizer)
         if dist_utils.is_main_process():
             write_json(iter_dir / "train_summary.json", train_summary)

@@ -40,7 +40,7 @@ def test_local_model_folder_and_local_dataset(tiny_checkpoint, tmp_path, capsys)
         "--model", str(model), "--dataset", str(dataset), "--iters", "2",
         "--eval-dataset", str(TOY_HELDOUT_PATH), "--eval-num-samples", "8",
         "--num-samples", "16", "--epochs", "1", "--global-batch-size", "8", "--micro-batch-size", "4",
-        "--max-length", "48", "--max-prompt-length", "32", "--learning-rate", "1e-3", "--output-dir", str(out),
+        "--max-length", "48", "--max-prompt-length", "32", "--learning-rate", "1e-3", "--threads", "1", "--output-dir", str(out),
     ])
     assert code == 0, capsys.readouterr().err
     summary = read_summary(out)
@@ -99,16 +99,26 @@ def test_existing_run_without_resume_is_refused(tmp_path, capsys):
 
 def test_non_finite_loss_stops_with_the_step_named_and_exit_1(tmp_path, capsys):
     out = tmp_path / "run"
-    code = run_iris.main([*SMALL, "--learning-rate", "1e30", "--sft-learning-rate", "1e-3", "--output-dir", str(out)])
+    # Step 1 runs at warmup lr 0, step 2's update blows the weights up, step 3's loss is not finite.
+    code = run_iris.main([*SMALL, "--epochs", "2", "--learning-rate", "1e30", "--sft-learning-rate", "1e-3",
+                          "--output-dir", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 1, err
-    assert err.startswith("error: iteration 1:") and "step" in err and "\n" not in err
+    assert err.startswith("error: iteration 1:") and "step 3" in err and "\n" not in err, err
     # The last good checkpoint (θ_0) is intact and loadable; iteration 1 is not marked complete.
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "iter_0" / "checkpoint")
     assert (out / "iter_0" / "COMPLETE").exists() and not (out / "iter_1" / "COMPLETE").exists()
     assert not (out / "iter_1" / "checkpoint").exists()
+
+
+def test_non_finite_weights_after_the_last_step_are_not_saved(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run_iris.main([*SMALL, "--learning-rate", "1e30", "--sft-learning-rate", "1e-3", "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: iteration 1: non-finite"), err
+    assert not (out / "iter_1" / "checkpoint").exists() and (out / "iter_0" / "COMPLETE").exists()
 
 
 @pytest.mark.parametrize("flag", ["--help"])
