@@ -127,3 +127,39 @@ def test_help_lists_options_with_defaults(flag, capsys):
     text = capsys.readouterr().out
     for option in ("--loss", "--alpha-schedule", "--beta", "--resume", "--generator", "--max-prompt-length"):
         assert option in text
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    """DDP over gloo: generation and opponent log-probs split over ranks and gathered in order,
+    files written by rank 0 only, the opponent still the previous checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from iris_ref.selfplay import weights_sha256
+    from tests.driver_helpers import REPO
+
+    out = tmp_path / "ddp"
+    argv = [*SMALL, "--iters", "1"]  # the last occurrence wins
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(REPO / "run_iris.py"), *argv, "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(out)
+    assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
+    rows = (out / "iter_1" / "synthetic.jsonl").read_text().splitlines()
+    prompts = [json.loads(r)["prompt"][0]["content"] for r in rows]
+    from iris_ref.data import load_examples
+
+    expected, _ = load_examples(str(TOY_TRAIN_PATH), num_samples=16, seed=3)
+    assert prompts == [ex.prompt_messages[0]["content"] for ex in expected]  # gathered in order
+    saved = torch.load(out / "iter_1" / "opponent_logps.pt", weights_only=True)
+    assert saved["real"].shape == (16,)
+    opponent = AutoModelForCausalLM.from_pretrained(out / "iter_0" / "checkpoint")
+    assert saved["opponent_sha256"] == weights_sha256(opponent)

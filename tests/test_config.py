@@ -103,3 +103,7 @@ def test_config_round_trips_through_a_dict():
     assert config_from_dict(dataclasses.asdict(config)) == config
     with pytest.raises(ConfigError):
         config_from_dict({**dataclasses.asdict(config), "bogus": 1})
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    assert parse_config(["--config", str(REPO / "configs" / "tiny.yaml")]) == parse_config([])
