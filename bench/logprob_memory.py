@@ -145,11 +145,16 @@ def run_benchmark(settings: dict, repeats: int, device: str) -> dict:
     max_logp_diff = max(abs(a - b) for a, b in zip(naive["logps"], chunked["logps"]))
     grad_rel_diff = abs(naive["grad_norm"] - chunked["grad_norm"]) / max(naive["grad_norm"], 1e-30)
     full_logits_bytes = settings["batch_size"] * settings["seq_len"] * settings["vocab_size"] * 4
+    scored = settings["batch_size"] * (settings["seq_len"] - settings["prompt_len"])
+    chunk_bytes = min(settings["chunk_size"], scored) * settings["vocab_size"] * 4
     return {
         "device": device,
         "settings": {**settings, "repeats": repeats, "variant_order": "ABBA, one fresh process per run"},
         "memory_method": naive["method"],
         "full_logits_fp32_mib": full_logits_bytes / MIB,
+        "chunk_logits_fp32_mib": chunk_bytes / MIB,
+        "chunked_peak_in_chunk_buffers": peaks["chunked"] / chunk_bytes,
+        "naive_peak_in_full_logits": peaks["naive"] / full_logits_bytes,
         "peak_mib": {v: peaks[v] / MIB for v in peaks},
         "peak_mib_samples": {v: [r["peak_mib"] for r in rs] for v, rs in runs.items()},
         "seconds_samples": {v: [r["seconds"] for r in rs] for v, rs in runs.items()},
