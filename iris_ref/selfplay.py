@@ -29,13 +29,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -584,8 +583,9 @@ def _run(config: IrisConfig) -> dict:
         evaluation = _evaluate(policy, tokenizer, heldout, config, device, toy)
         if dist_utils.is_main_process():
             write_json(iter0 / "eval.json", evaluation)
-            shutil.rmtree(iter0 / "trainer_state", ignore_errors=True)
         _mark_complete(iter0)
+        if dist_utils.is_main_process():  # only once complete: a crash before keeps the state to resume from
+            shutil.rmtree(iter0 / "trainer_state", ignore_errors=True)
 
     first_gap = None
     for t in range(1, config.iters + 1):
@@ -667,8 +667,9 @@ def _run(config: IrisConfig) -> dict:
         evaluation = _evaluate(policy, tokenizer, heldout, config, device, toy)
         if dist_utils.is_main_process():
             write_json(iter_dir / "eval.json", evaluation)
-            shutil.rmtree(iter_dir / "trainer_state", ignore_errors=True)
         _mark_complete(iter_dir)
+        if dist_utils.is_main_process():
+            shutil.rmtree(iter_dir / "trainer_state", ignore_errors=True)
 
     summary = build_summary(run_dir, config)
     if dist_utils.is_main_process():
