@@ -386,7 +386,8 @@ def markdown_report(title: str, header: list[str], table: dict, arm_labels: dict
         for arm, label in arm_labels.items():
             lines.append(f"| {label} | " + " | ".join(_fmt(table[arm].get(str(t), {}).get(metric)) for t in iterations) + " |")
         lines.append("")
-    lines.append("### training diagnostics (mean over seeds): α, gap, mean log p of real / synthetic responses")
+    lines.append("### training diagnostics (mean over seeds): α (IRIS only), gap |2·AUC − 1| of the opponent's "
+                 "per-token scores, mean summed log p of real / synthetic responses")
     lines.append("")
     lines.append("| Arm | " + " | ".join(f"t = {t}" for t in iterations if t > 0) + " |")
     lines.append("|---|" + "---|" * len([t for t in iterations if t > 0]))
@@ -398,7 +399,8 @@ def markdown_report(title: str, header: list[str], table: dict, arm_labels: dict
             row = table[arm].get(str(t), {})
             parts = []
             for key, short in (("alpha", "α"), ("gap", "gap"), ("logps/real", "real"), ("logps/synthetic", "syn")):
-                if key in row:
+                # The driver records the schedule's α for every loss; only IRIS uses it.
+                if key in row and (key != "alpha" or arm.startswith("iris")):
                     parts.append(f"{short} {row[key]['mean']:.2f}")
             cells.append(", ".join(parts) or "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -462,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "bench_method_comparison"))
     parser.add_argument("--results-dir", default=str(REPO_ROOT / "bench" / "results"))
     parser.add_argument("--fresh", action="store_true", help="delete --work-dir first (no reuse of finished jobs)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the tables and plots from the job results recorded in "
+                             "<results-dir>/method_comparison.json (runs no job; keeps the recorded command, "
+                             "wall time and measurement header)")
     return parser
 
 
@@ -488,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"method_comparison: error: {err}", file=sys.stderr)
         return 2
+    if args.report_only:
+        return report_only(args, argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work = Path(args.work_dir)
@@ -526,10 +534,30 @@ def _header(command: str, wall: float, args, cpu_seconds: float) -> list[str]:
     ]
 
 
-def report(args, results: dict[str, dict], command: str, wall: float) -> None:
+def report_only(args, argv: list[str]) -> int:
+    """Re-render the reports from a finished run's recorded job results (no job is run)."""
+    recorded = Path(args.results_dir) / "method_comparison.json"
+    if not recorded.is_file():
+        print(f"method_comparison: error: --report-only needs {recorded} from a finished run", file=sys.stderr)
+        return 2
+    payload = json.loads(recorded.read_text())
+    header = payload.get("header")
+    if header is None:  # recorded before the header was stored in the JSON: take it from the markdown
+        text = (Path(args.results_dir) / "method_comparison.md").read_text(encoding="utf-8")
+        header = text.split("\n## ", 1)[0].split("\n", 2)[2].strip().split("\n")
+    header = [*header, "", "Tables and plots re-rendered from the recorded job results with "
+              f"`python bench/method_comparison.py {' '.join(argv)}` (no job re-run)."]
+    args.seeds, args.iters = payload["seeds"], payload["iterations"]
+    args.methods = [m for m in METHODS if m in payload["arms"]]
+    args.data_efficiency = any("-de-" in name for name in payload["jobs"])
+    report(args, payload["jobs"], payload["command"], payload["wall_seconds"], header=header)
+    return 0
+
+
+def report(args, results: dict[str, dict], command: str, wall: float, header: list[str] | None = None) -> None:
     results_dir = Path(args.results_dir)
     cpu_seconds = sum(r.get("seconds", 0.0) for r in results.values())
-    header = _header(command, wall, args, cpu_seconds)
+    header = header if header is not None else _header(command, wall, args, cpu_seconds)
     final = args.iters
     labels = {
         "iris-adaptive": "IRIS (adaptive α)", "iris-alpha0.5": "IRIS α = 0.5", "iris-alpha1": "IRIS α = 1",
@@ -546,7 +574,7 @@ def report(args, results: dict[str, dict], command: str, wall: float) -> None:
     markdown = markdown_report("Method comparison on the embedded toy task", header, table, arm_labels, final,
                                paired, labels["sft"])
     payload = {"command": command, "wall_seconds": wall, "seeds": args.seeds, "iterations": args.iters,
-               "arms": table, "paired_vs_sft": paired, "jobs": {k: v for k, v in results.items()}}
+               "header": header, "arms": table, "paired_vs_sft": paired, "jobs": {k: v for k, v in results.items()}}
     write_results("method_comparison", payload, markdown, table, arm_labels, results_dir,
                   "Method comparison (toy task), mean ± std over seeds")
 
@@ -577,7 +605,7 @@ def report(args, results: dict[str, dict], command: str, wall: float) -> None:
     de_header = header + [
         "",
         f"Every arm of a seed starts from one model warmed up (6 epochs of SFT, lr 3e-3) on a seeded "
-        f"{fraction_rows}-row subset ({args.fraction:.0%}) of the {all_rows} annotated rows. IRIS then sees only "
+        f"{fraction_rows}-row subset ({fraction_rows / all_rows:.0%}) of the {all_rows} annotated rows. IRIS then sees only "
         f"those rows; 'SFT on all' sees all {all_rows} rows, i.e. {all_rows // fraction_rows}x the data and "
         "gradient steps per iteration.",
     ]
