@@ -24,7 +24,7 @@ would also work but reports per-operator events rather than a process peak. On C
 worker uses ``torch.cuda.max_memory_allocated``. The variants alternate (naive, chunked,
 chunked, naive, ...) and the headline ``ratio`` is median(chunked) / median(naive).
 
-The chunk size is the project's default (1024 positions, as the trainer uses); with
+The chunk size is the project's default (`iris_ref.logprobs.DEFAULT_CHUNK_SIZE`, 512 positions, as the trainer uses); with
 ``--chunk-size N`` the results go to ``bench/results/logprob_memory_chunkN.json`` instead.
 
 Each worker also returns the per-sequence log-probs and the gradient norm, and the benchmark
@@ -49,9 +49,10 @@ from bench.common import (  # noqa: E402
     time_call,
     write_results,
 )
+from iris_ref.logprobs import DEFAULT_CHUNK_SIZE  # noqa: E402
 
 NAME = "logprob_memory"
-DEFAULTS = dict(vocab_size=151_936, hidden_size=64, batch_size=4, seq_len=1024, prompt_len=128, chunk_size=1024)
+DEFAULTS = dict(vocab_size=151_936, hidden_size=64, batch_size=4, seq_len=1024, prompt_len=128, chunk_size=DEFAULT_CHUNK_SIZE)
 TARGET_RATIO = 0.25
 
 

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from iris_ref.logprobs import DEFAULT_CHUNK_SIZE
+
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 
@@ -179,7 +181,7 @@ class SequenceLogprobModule(nn.Module):
     Under FSDP2 this module stays plain and the Hugging Face model inside is the FSDP root.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__()
         self.policy = model
         self.chunk_size = chunk_size
@@ -203,7 +205,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def prepare_model(model: nn.Module, strategy: str = "auto", chunk_size: int = 1024) -> nn.Module:
+def prepare_model(model: nn.Module, strategy: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE) -> nn.Module:
     """Wrap a Hugging Face causal LM for training on this process's share of the batch.
 
     Returns a module whose forward gives sequence log-probs (see SequenceLogprobModule):

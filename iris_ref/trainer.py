@@ -82,6 +82,7 @@ import torch
 from torch import nn
 
 from iris_ref import distributed as dist_utils
+from iris_ref.logprobs import DEFAULT_CHUNK_SIZE
 from iris_ref.objectives import get_objective, weighted_surrogate
 
 SEPARABLE_LOSSES = ("spin", "space", "spif", "sft")
@@ -122,7 +123,7 @@ class TrainingArgs:
     bf16: bool = False
     seed: int = 0
     save_steps: int = 50
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
     # Stop (and save) after this many optimizer steps in total; the schedule is unchanged.
     # For tests and for splitting a long iteration over several jobs.
     max_steps: Optional[int] = None
@@ -209,7 +210,7 @@ def compute_logprobs(
     pad_token_id: int,
     micro_batch_size: int,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     bf16: bool = False,
     split_across_ranks: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
