@@ -46,13 +46,25 @@ class EvalError(Exception):
 class Checkpoint:
     label: str
     path: Path
+    run: Path | None = None  # the run directory it belongs to, if any
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    """A Hugging Face model folder: a ``config.json`` naming a ``model_type``.
+
+    A run directory also holds a ``config.json`` (the run's resolved options), so the file's
+    existence alone does not make a model folder.
+    """
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
 
 
 def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -103,14 +115,15 @@ def expand_models(paths: list[str], include_base: bool = False) -> list[Checkpoi
             parent = path.parent
             if path.name == "checkpoint" and _ITER_RE.match(parent.name):
                 label = f"{parent.parent.name}/{parent.name}"
+                run = parent.parent.resolve()
             else:
-                label = path.resolve().name
-            checkpoints.append(Checkpoint(label, path))
+                label, run = path.resolve().name, None
+            checkpoints.append(Checkpoint(label, path, run))
             continue
         iterations = _iteration_dirs(path)
         if not iterations:
             raise EvalError(
-                f"no model in {raw}: neither a Hugging Face folder (config.json) "
+                f"no model in {raw}: neither a Hugging Face folder (config.json with a model_type) "
                 "nor a run directory with iter_*/checkpoint folders"
             )
         if include_base and not _is_hf_folder(path / "iter_0" / "checkpoint"):
@@ -119,7 +132,7 @@ def expand_models(paths: list[str], include_base: bool = False) -> list[Checkpoi
                 raise EvalError(f"--include-base: run {raw} records no starting model (iter_0/source.json)")
             if Path(base).expanduser().exists() and not _is_hf_folder(Path(base).expanduser()):
                 raise EvalError(f"--include-base: the starting model {base} of run {raw} is not a model folder")
-            checkpoints.append(Checkpoint(f"{path.resolve().name}/base", Path(base)))
+            checkpoints.append(Checkpoint(f"{path.resolve().name}/base", Path(base), path.resolve()))
         taken = 0
         for _, iter_dir in iterations:
             ckpt = iter_dir / "checkpoint"
@@ -127,17 +140,31 @@ def expand_models(paths: list[str], include_base: bool = False) -> list[Checkpoi
                 (d / "COMPLETE").exists() for _, d in iterations
             )
             if _is_hf_folder(ckpt) and marker_ok:
-                checkpoints.append(Checkpoint(f"{path.resolve().name}/{iter_dir.name}", ckpt))
+                checkpoints.append(Checkpoint(f"{path.resolve().name}/{iter_dir.name}", ckpt, path.resolve()))
                 taken += 1
         if taken == 0:
             raise EvalError(f"run directory {raw} has no complete iter_*/checkpoint yet")
+    checkpoints = _disambiguate_runs(checkpoints)
     seen: dict[str, int] = {}
     unique = []
     for ckpt in checkpoints:
         seen[ckpt.label] = seen.get(ckpt.label, 0) + 1
         label = ckpt.label if seen[ckpt.label] == 1 else f"{ckpt.label}#{seen[ckpt.label]}"
-        unique.append(Checkpoint(label, ckpt.path))
+        unique.append(Checkpoint(label, ckpt.path, ckpt.run))
     return unique
+
+
+def _disambiguate_runs(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Runs whose directories share a name (``a/run``, ``b/run``) get ``a/run/iter_1``-style labels."""
+    runs_by_name: dict[str, set[Path]] = {}
+    for ckpt in checkpoints:
+        if ckpt.run is not None:
+            runs_by_name.setdefault(ckpt.run.name, set()).add(ckpt.run)
+    return [
+        Checkpoint(f"{c.run.parent.name}/{c.label}", c.path, c.run)
+        if c.run is not None and len(runs_by_name[c.run.name]) > 1 else c
+        for c in checkpoints
+    ]
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -25,6 +25,7 @@ from eval import run_eval
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "run_eval.py"
 TOY_MC = REPO / "eval" / "tasks" / "toy" / "toy_mc.jsonl"
+MODEL_CONFIG = json.dumps({"model_type": "qwen2"})
 
 
 
@@ -32,6 +33,8 @@ TOY_MC = REPO / "eval" / "tasks" / "toy" / "toy_mc.jsonl"
 def _make_run_dir(root: Path, checkpoint: Path, complete: list[int], incomplete: list[int]) -> Path:
     """A run directory shaped like the driver's: iter_<t>/checkpoint (+ COMPLETE)."""
     run_dir = root / "demo_run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"config": {"loss": "iris", "iters": 3}, "versions": {}}))
     for t in complete + incomplete:
         shutil.copytree(checkpoint, run_dir / f"iter_{t}" / "checkpoint")
         if t in complete:
@@ -135,15 +138,18 @@ def test_in_process_mc_accuracy_matches_independent_computation(tiny_checkpoint,
 
 def test_run_directory_expansion_orders_iterations_numerically(tmp_path):
     run_dir = tmp_path / "r"
+    # A run directory's own config.json (the run's options) must not make it look like a model.
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"config": {"loss": "iris"}, "versions": {}}))
     for t in (10, 2, 0, 1):
         ckpt = run_dir / f"iter_{t}" / "checkpoint"
         ckpt.mkdir(parents=True)
-        (ckpt / "config.json").write_text("{}")
+        (ckpt / "config.json").write_text(MODEL_CONFIG)
         (run_dir / f"iter_{t}" / "COMPLETE").write_text("")
     (run_dir / "iter_11").mkdir()  # started, nothing saved yet
     single = tmp_path / "plain_model"
     single.mkdir()
-    (single / "config.json").write_text("{}")
+    (single / "config.json").write_text(MODEL_CONFIG)
     checkpoints = run_eval.expand_models([str(run_dir), str(single), str(single)])
     assert [c.label for c in checkpoints] == [
         "r/iter_0", "r/iter_1", "r/iter_2", "r/iter_10", "plain_model", "plain_model#2"]
@@ -155,12 +161,19 @@ def test_run_directory_expansion_orders_iterations_numerically(tmp_path):
     (given / "iter_0" / "source.json").write_text(json.dumps({"model": str(single)}))
     (given / "iter_0" / "COMPLETE").write_text("")
     (given / "iter_1" / "checkpoint").mkdir(parents=True)
-    (given / "iter_1" / "checkpoint" / "config.json").write_text("{}")
+    (given / "iter_1" / "checkpoint" / "config.json").write_text(MODEL_CONFIG)
     (given / "iter_1" / "COMPLETE").write_text("")
     assert [c.label for c in run_eval.expand_models([str(given)])] == ["given/iter_1"]
     with_base = run_eval.expand_models([str(given)], include_base=True)
     assert [(c.label, c.path) for c in with_base] == [
         ("given/base", single), ("given/iter_1", given / "iter_1" / "checkpoint")]
+
+    # Two runs with the same directory name are told apart by their parents.
+    other = tmp_path / "elsewhere" / "given"
+    shutil.copytree(given, other)
+    labels = [c.label for c in run_eval.expand_models([str(given), str(other)], include_base=True)]
+    assert labels == [f"{tmp_path.name}/given/base", f"{tmp_path.name}/given/iter_1",
+                      "elsewhere/given/base", "elsewhere/given/iter_1"]
 
 
 def _assert_one_line_error(capsys, argv, pattern):
