@@ -433,20 +433,36 @@ def markdown_table(specs: list[TaskSpec], labels: list[str], scores: dict[str, d
 
 
 def plot_scores(specs: list[TaskSpec], labels: list[str], scores: dict[str, dict[str, float]],
-                path: Path, title: str) -> None:
+                path: Path, title: str, groups: list[str] | None = None) -> None:
+    """Each task and the average across checkpoints; ``groups`` (one key per checkpoint,
+    e.g. its run) breaks the lines between runs so iterations of different runs are not joined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = list(range(len(labels)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) + 3), 4.5))
-    for spec in specs:
-        ax.plot(xs, [100 * scores[l][spec.task] for l in labels], marker="o", label=spec.label, alpha=0.8)
+    groups = groups or ["all"] * len(labels)
+    segments: list[list[int]] = []
+    for i, key in enumerate(groups):
+        if i and key == groups[i - 1]:
+            segments[-1].append(i)
+        else:
+            segments.append([i])
+    series = [(spec.label, [100 * scores[l][spec.task] for l in labels], {"marker": "o", "alpha": 0.8})
+              for spec in specs]
     averages = [100 * sum(scores[l][s.task] for s in specs) / len(specs) for l in labels]
-    ax.plot(xs, averages, marker="s", color="black", linewidth=2.5, label="Average")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=20, ha="right")
+    series.append(("Average", averages, {"marker": "s", "color": "black", "linewidth": 2.5}))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 3), 4.8))
+    for name, values, style in series:
+        color = style.pop("color", None)
+        for n, segment in enumerate(segments):
+            line, = ax.plot(segment, [values[i] for i in segment], label=name if n == 0 else None,
+                            color=color, **style)
+            color = line.get_color()
+    for segment in segments[1:]:
+        ax.axvline(segment[0] - 0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xticks(list(range(len(labels))))
+    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("score (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -489,7 +505,8 @@ def write_outputs(output: Path, specs, checkpoints, raws, settings) -> dict:
     (output / "results.json").write_text(json.dumps(summary, indent=2))
     (output / "results.md").write_text(markdown_table(specs, labels, scores, metrics, settings))
     plot_scores(specs, labels, scores, output / "scores.png",
-                f"{settings['suite'] or 'tasks'} across checkpoints")
+                f"{settings['suite'] or 'tasks'} across checkpoints",
+                groups=[str(c.run) if c.run is not None else f"model:{c.label}" for c in checkpoints])
     return summary
 
 
