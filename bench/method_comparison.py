@@ -427,6 +427,7 @@ def plot(table: dict, arm_labels: dict[str, str], path: Path, title: str) -> Non
         name, higher = METRICS[metric]
         ax.set_title(f"{name} ({'↑' if higher else '↓'})")
         ax.set_xlabel("iteration")
+        ax.set_xticks(sorted({int(t) for arm in table.values() for t in arm}))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
@@ -545,8 +546,10 @@ def report_only(args, argv: list[str]) -> int:
     if header is None:  # recorded before the header was stored in the JSON: take it from the markdown
         text = (Path(args.results_dir) / "method_comparison.md").read_text(encoding="utf-8")
         header = text.split("\n## ", 1)[0].split("\n", 2)[2].strip().split("\n")
-    header = [*header, "", "Tables and plots re-rendered from the recorded job results with "
-              f"`python bench/method_comparison.py {' '.join(argv)}` (no job re-run)."]
+    note = ("Tables and plots re-rendered from the recorded job results with "
+            f"`python bench/method_comparison.py {' '.join(argv)}` (no job re-run).")
+    if note not in header:
+        header = [*header, "", note]
     args.seeds, args.iters = payload["seeds"], payload["iterations"]
     args.methods = [m for m in METHODS if m in payload["arms"]]
     args.data_efficiency = any("-de-" in name for name in payload["jobs"])
