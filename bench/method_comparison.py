@@ -57,6 +57,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from iris_ref.config import EMBEDDED_DEFAULTS  # noqa: E402  (stdlib-only module: cheap)
+
 # name -> IrisConfig overrides (None: continued SFT, run by `continued_sft`).
 METHODS: dict[str, dict | None] = {
     "iris-adaptive": {"loss": "iris", "alpha_schedule": "adaptive"},
@@ -96,7 +98,6 @@ class Job:
 
 def base_options(args) -> dict:
     """The embedded default's constants, written out so every arm uses exactly the same ones."""
-    from iris_ref.config import EMBEDDED_DEFAULTS
     from iris_ref.tiny import TOY_HELDOUT_PATH, TOY_TRAIN_PATH
 
     options = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in ("sft_epochs", "sft_learning_rate")}
@@ -135,7 +136,6 @@ def warm_up(job: Job, work: Path) -> dict:
 
     from iris_ref import distributed as dist_utils
     from iris_ref import selfplay, tiny, trainer
-    from iris_ref.config import EMBEDDED_DEFAULTS
 
     config = make_config(**job.options, seed=job.seed, output_dir=str(work / "unused"))
     tokenizer = tiny.build_tiny_tokenizer()
@@ -530,8 +530,10 @@ def _header(command: str, wall: float, args, cpu_seconds: float) -> list[str]:
         "",
         f"Seeds {args.seeds}; {args.iters} iterations; toy task (`iris_ref/toy_data`), "
         f"{args.num_train or 'all'} training prompts, {args.num_heldout or 'all'} held-out prompts; "
-        "the embedded default's constants for every arm (AdamW, lr 1e-3, β = 1, 2 epochs per iteration, "
-        "global batch 32, temperature 1).",
+        "the embedded default's constants for every arm ("
+        f"{EMBEDDED_DEFAULTS['optimizer']}, lr {EMBEDDED_DEFAULTS['learning_rate']:g}, β = {EMBEDDED_DEFAULTS['beta']:g}, "
+        f"{EMBEDDED_DEFAULTS['epochs']} epoch(s) per iteration, global batch {EMBEDDED_DEFAULTS['global_batch_size']}, "
+        "temperature 1).",
     ]
 
 
@@ -607,7 +609,8 @@ def report(args, results: dict[str, dict], command: str, wall: float, header: li
     }
     de_header = header + [
         "",
-        f"Every arm of a seed starts from one model warmed up (6 epochs of SFT, lr 3e-3) on a seeded "
+        f"Every arm of a seed starts from one model warmed up ({EMBEDDED_DEFAULTS['sft_epochs']} epochs of SFT, "
+        f"lr {EMBEDDED_DEFAULTS['sft_learning_rate']:g}) on a seeded "
         f"{fraction_rows}-row subset ({fraction_rows / all_rows:.0%}) of the {all_rows} annotated rows. IRIS then sees only "
         f"those rows; 'SFT on all' sees all {all_rows} rows, i.e. {all_rows // fraction_rows}x the data and "
         "gradient steps per iteration.",
