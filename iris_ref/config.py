@@ -137,6 +137,7 @@ class IrisConfig:
     parallel: Literal["auto", "ddp", "fsdp", "none"] = _opt(
         "auto", "Under torchrun: DDP (auto) or FSDP2 (fsdp: fully_shard per decoder layer) for models that do not fit one GPU."
     )
+    fsdp: bool = _opt(False, "Shorthand for --parallel fsdp.")
     save_steps: Optional[int] = _opt(None, "Save the trainer state (for --resume) every N optimizer steps. Default: 50; 20 embedded.")
     # --- lengths and generation ----------------------------------------------------------
     max_length: Optional[int] = _opt(None, "Max tokens of prompt + response. Default: 1024 (SPIN); 64 embedded.")
@@ -176,6 +177,10 @@ class IrisConfig:
                 values[key] = default
         if not self.embedded and self.loss == "space" and self.beta is None:
             values["beta"] = 1.0  # SPACE paper
+        if values["fsdp"]:
+            if values["parallel"] not in ("auto", "fsdp"):
+                raise ConfigError(f"--fsdp contradicts --parallel {values['parallel']}")
+            values["parallel"] = "fsdp"
         if values["sft_learning_rate"] is None:
             values["sft_learning_rate"] = values["learning_rate"]
         if values["max_new_tokens"] is None and values["max_length"] is not None and values["max_prompt_length"] is not None:

@@ -107,3 +107,10 @@ def test_config_round_trips_through_a_dict():
 
 def test_tiny_yaml_is_the_embedded_default():
     assert parse_config(["--config", str(REPO / "configs" / "tiny.yaml")]) == parse_config([])
+
+
+def test_fsdp_flag_is_shorthand_for_parallel_fsdp():
+    assert parse_config(["--model", "m", "--fsdp"]).parallel == "fsdp"
+    assert parse_config(["--model", "m"]).parallel == "auto"
+    with pytest.raises(ConfigError, match="--fsdp contradicts --parallel ddp"):
+        parse_config(["--model", "m", "--fsdp", "--parallel", "ddp"])
