@@ -118,6 +118,26 @@ def _normalised_log_weights(weights: Optional[Tensor], n: int, like: Tensor, nam
     return torch.log(w / total)
 
 
+def _rewards_and_log_weights(
+    policy_real: Tensor,
+    policy_synthetic: Tensor,
+    opponent_real: Tensor,
+    opponent_synthetic: Tensor,
+    beta: float,
+    real_weights: Optional[Tensor],
+    synthetic_weights: Optional[Tensor],
+    real_weights_name: str = "real_weights",
+) -> tuple[float, Tensor, Tensor, Tensor, Tensor]:
+    """The common preamble of every objective: validated β, rewards r and r', log π and log ρ."""
+    beta = _check_positive(beta, "beta")
+    dtype = _compute_dtype(policy_real, policy_synthetic, opponent_real, opponent_synthetic)
+    r = _rewards(policy_real, opponent_real, beta, dtype, "real")
+    rs = _rewards(policy_synthetic, opponent_synthetic, beta, dtype, "synthetic")
+    log_pi = _normalised_log_weights(real_weights, r.numel(), r, real_weights_name)
+    log_rho = _normalised_log_weights(synthetic_weights, rs.numel(), rs, "synthetic_weights")
+    return beta, r, rs, log_pi, log_rho
+
+
 def _softplus(x: Tensor) -> Tensor:
     """log(1 + e^x) to full precision everywhere, gradient σ(x).
 
@@ -196,12 +216,7 @@ def iris_loss(
     objective, α → 0 reverse KL.
     """
     alpha = _check_positive(alpha, "alpha")
-    beta = _check_positive(beta, "beta")
-    dtype = _compute_dtype(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps)
-    r = _rewards(policy_real_logps, opponent_real_logps, beta, dtype, "real")
-    rs = _rewards(policy_synthetic_logps, opponent_synthetic_logps, beta, dtype, "synthetic")
-    log_pi = _normalised_log_weights(real_weights, r.numel(), r, "real_weights")
-    log_rho = _normalised_log_weights(synthetic_weights, rs.numel(), rs, "synthetic_weights")
+    beta, r, rs, log_pi, log_rho = _rewards_and_log_weights(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps, beta, real_weights, synthetic_weights)
 
     loss = _tilted_mean_from_log_weights(-r, 1.0 - alpha, log_pi) + _tilted_mean_from_log_weights(rs, alpha, log_rho)
     with torch.no_grad():
@@ -223,15 +238,12 @@ def spin_loss(
 
     β is SPIN's λ. a_i = b_i = π_i·σ(r'_i − r_i). Invariant to adding a constant per pair.
     """
-    beta = _check_positive(beta, "beta")
-    dtype = _compute_dtype(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps)
-    r = _rewards(policy_real_logps, opponent_real_logps, beta, dtype, "real")
-    rs = _rewards(policy_synthetic_logps, opponent_synthetic_logps, beta, dtype, "synthetic")
+    beta, r, rs, log_pi, _ = _rewards_and_log_weights(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps, beta, pair_weights, None, "pair_weights")
     if r.shape != rs.shape:
         raise ValueError(
             f"spin_loss pairs annotated and synthetic responses of the same prompt: lengths differ ({r.numel()} vs {rs.numel()})"
         )
-    pi = torch.exp(_normalised_log_weights(pair_weights, r.numel(), r, "pair_weights"))
+    pi = torch.exp(log_pi)
     margin = r - rs
     loss = (pi * _softplus(-margin)).sum()
     with torch.no_grad():
@@ -256,12 +268,8 @@ def space_loss(
     a_i = π_i σ(log μ − r_i), b_j = μ ρ_j σ(r'_j − log μ). Optimal critic log(p_data/p_opponent).
     """
     mu = _check_positive(mu, "mu")
-    beta = _check_positive(beta, "beta")
-    dtype = _compute_dtype(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps)
-    r = _rewards(policy_real_logps, opponent_real_logps, beta, dtype, "real")
-    rs = _rewards(policy_synthetic_logps, opponent_synthetic_logps, beta, dtype, "synthetic")
-    pi = torch.exp(_normalised_log_weights(real_weights, r.numel(), r, "real_weights"))
-    rho = torch.exp(_normalised_log_weights(synthetic_weights, rs.numel(), rs, "synthetic_weights"))
+    beta, r, rs, log_pi, log_rho = _rewards_and_log_weights(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps, beta, real_weights, synthetic_weights)
+    pi, rho = torch.exp(log_pi), torch.exp(log_rho)
     log_mu = math.log(mu)
     loss = (pi * _softplus(log_mu - r)).sum() + mu * (rho * _softplus(rs - log_mu)).sum()
     with torch.no_grad():
@@ -287,14 +295,10 @@ def spif_loss(
     a_i = π_i, b_j = ρ_j (1 + r'_j/2), both zero where the reward is clamped.
     Optimal critic 2(p_data/p_opponent − 1), optimal value −χ²(p_data‖p_opponent).
     """
-    beta = _check_positive(beta, "beta")
     if reward_bound is not None:
         reward_bound = _check_positive(reward_bound, "reward_bound")
-    dtype = _compute_dtype(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps)
-    r = _rewards(policy_real_logps, opponent_real_logps, beta, dtype, "real")
-    rs = _rewards(policy_synthetic_logps, opponent_synthetic_logps, beta, dtype, "synthetic")
-    pi = torch.exp(_normalised_log_weights(real_weights, r.numel(), r, "real_weights"))
-    rho = torch.exp(_normalised_log_weights(synthetic_weights, rs.numel(), rs, "synthetic_weights"))
+    beta, r, rs, log_pi, log_rho = _rewards_and_log_weights(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps, beta, real_weights, synthetic_weights)
+    pi, rho = torch.exp(log_pi), torch.exp(log_rho)
     if reward_bound is None:
         r_used, rs_used = r, rs
         real_active = torch.ones_like(r)
@@ -303,8 +307,8 @@ def spif_loss(
         r_used = r.clamp(-reward_bound, reward_bound)
         rs_used = rs.clamp(-reward_bound, reward_bound)
         # Strictly inside the bound the clamp passes the gradient; outside it is zero.
-        real_active = (r.detach().abs() <= reward_bound).to(dtype)
-        synthetic_active = (rs.detach().abs() <= reward_bound).to(dtype)
+        real_active = (r.detach().abs() <= reward_bound).to(r.dtype)
+        synthetic_active = (rs.detach().abs() <= reward_bound).to(rs.dtype)
     loss = -(pi * r_used).sum() + (rho * (rs_used + rs_used.square() / 4)).sum()
     with torch.no_grad():
         a = pi * real_active
