@@ -447,6 +447,23 @@ def _summarise(history: list[dict]) -> dict:
     return summary
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability of ``model`` to 0 (its saved config is left as it is).
+
+    Self-play needs deterministic forwards: the rewards must be exactly 0 at θ = θt (the
+    opponent's log-probs are computed in eval mode), and the IRIS weights of the scoring pass
+    must belong to the log-probs that are back-propagated (THEORY.md I3). Models such as
+    GPT-2, OPT or Phi have dropout on by default. Besides ``nn.Dropout`` modules, attention
+    layers keep their probability as a float attribute (Qwen2's ``attention_dropout``).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 # --------------------------------------------------------------------------------------
 # the loop
 
@@ -532,6 +549,7 @@ def train_iteration(
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not show, desc=f"train {args.loss}")
     was_training = policy.training
+    disable_dropout(policy)
     policy.train()
     try:
         step = start_step

@@ -337,3 +337,40 @@ def test_compute_logprobs_is_batching_independent_and_ordered(tokenizer):
     real_only, none = trainer.compute_logprobs(model, [(p[0], None) for p in pairs], tokenizer.pad_token_id, 3)
     assert none is None
     torch.testing.assert_close(real_only, real_1, rtol=0, atol=1e-5)
+
+
+def test_dropout_is_disabled_so_rewards_start_at_zero(tokenizer):
+    """A model with dropout (as GPT-2 or Phi have) must still see rewards of exactly 0 at θ = θt
+    and uniform IRIS weights: dropout would make the training forwards differ from the opponent's."""
+    model = build_tiny_model(tokenizer, seed=0)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.model.embed_dropout = torch.nn.Dropout(0.5)  # an nn.Dropout module too
+    pairs = random_pairs(tokenizer, 8, seed=10)
+    opp_real, opp_syn = trainer.compute_logprobs(model, pairs, tokenizer.pad_token_id, 8)
+    args = trainer.TrainingArgs(loss="iris", beta=1.0, optimizer="adamw", learning_rate=1e-3, epochs=1,
+                                global_batch_size=8, micro_batch_size=4, max_steps=1, progress=False)
+    records = []
+    trainer.train_iteration(model, pairs, opp_real, opp_syn, alpha=2.0, args=args,
+                            pad_token_id=tokenizer.pad_token_id, log_fn=records.append)
+    first = records[0]
+    assert first["rewards/real"] == pytest.approx(0, abs=1e-5)
+    assert first["rewards/synthetic"] == pytest.approx(0, abs=1e-5)
+    assert first["weights/ess_real"] == pytest.approx(8, rel=1e-5)
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+    assert model.model.embed_dropout.p == 0.0
+
+
+def test_dropout_negative_control(tokenizer):
+    """Without disabling it, attention dropout of 0.5 moves the rewards off 0 at θ = θt."""
+    model = build_tiny_model(tokenizer, seed=0)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    pairs = random_pairs(tokenizer, 8, seed=10)
+    opp_real, _ = trainer.compute_logprobs(model, pairs, tokenizer.pad_token_id, 8)
+    model.train()
+    batch = collate([p[0] for p in pairs], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_mode = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    assert (train_mode - opp_real).abs().max() > 1e-3
