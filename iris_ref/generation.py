@@ -77,6 +77,7 @@ def generate_responses(
     backend: str = "auto",
     device: str = "cpu",
     gpu_memory_utilization: float = 0.9,
+    synced_gpus: bool = False,
 ) -> list[str]:
     """One sampled response per prompt (a list of chat turns), in the prompts' order.
 
@@ -84,6 +85,8 @@ def generate_responses(
     is ignored) or the path of a saved checkpoint (loaded on ``device`` for hf). Results are
     deterministic for a given seed, batch size and backend. ``gpu_memory_utilization`` is
     vLLM's share of the GPU: the training model should be off the GPU while vLLM runs.
+    ``synced_gpus`` (hf backend) keeps every rank stepping until all ranks are done, which a
+    sharded (FSDP) model needs because each of its forwards is collective.
     """
     _check_sampling(max_new_tokens, temperature, top_p, batch_size)
     has_path = isinstance(model_or_path, (str, Path))
@@ -103,7 +106,7 @@ def generate_responses(
         model = AutoModelForCausalLM.from_pretrained(str(model_or_path)).to(device)
     else:
         model = model_or_path
-    return _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size)
+    return _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus)
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ def _only_these_generation_settings(model, generation_config):
         model.generation_config = saved
 
 
-def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size) -> list[str]:
+def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus=False) -> list[str]:
     from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer)
@@ -170,7 +173,8 @@ def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p
                     batch = token_ids[start : start + batch_size]
                     input_ids, attention_mask = _left_padded(batch, pad_token_id, device)
                     output = model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                        synced_gpus=synced_gpus,
                     )
                     for row in output[:, input_ids.shape[1] :].tolist():
                         new_ids = _cut_at_stop(row, set(stops))

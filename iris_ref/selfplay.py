@@ -329,8 +329,15 @@ def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfi
 
     share = dist_utils.shard_range(len(prompts))
     local_prompts = [prompts[i] for i in share]
+    n_local = len(local_prompts)
     from_path = isinstance(model_or_path, (str, Path))
     extra = {}
+    if not from_path and prompts and _is_sharded(model_or_path):
+        # Every forward of an FSDP model is collective: all ranks must run the same number of
+        # batches (pad with a repeated prompt, results discarded) and of decoding steps.
+        per_rank = -(-len(prompts) // dist_utils.get_world_size())
+        local_prompts += [prompts[0]] * (per_rank - n_local)
+        extra["synced_gpus"] = True
     if from_path and str(device).startswith("cuda") and torch.cuda.is_available():
         # vLLM shares the GPU with the resident training model: give it most of what is free.
         free, total = torch.cuda.mem_get_info()
@@ -341,7 +348,13 @@ def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfi
         batch_size=config.generation_batch_size, backend=config.generator if from_path else "hf",
         device=str(device), **extra,
     ) if local_prompts else []
-    return _gather_objects(local)
+    return _gather_objects(local[:n_local])
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def logprobs_split(policy, pairs: list, pad_token_id: int, micro_batch_size: int, bf16: bool = False):
@@ -654,7 +667,7 @@ def _run(config: IrisConfig) -> dict:
         step_log.finish()
         train_summary = {
             **_plain_dict(result),
-            "iteration": t, "alpha": alpha, "gap": gap, "first_gap": first_gap,
+            "iteration": t, "alpha": alpha if config.loss == "iris" else None, "gap": gap, "first_gap": first_gap,
             "opponent_sha256": opponent_hash, "opponent_checkpoint": str(opponent_path),
             "generation_seconds": generation_seconds, "train_seconds": time.time() - t1,
         }

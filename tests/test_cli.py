@@ -163,3 +163,27 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert saved["real"].shape == (16,)
     opponent = AutoModelForCausalLM.from_pretrained(out / "iter_0" / "checkpoint")
     assert saved["opponent_sha256"] == weights_sha256(opponent)
+
+
+def test_torchrun_fsdp_with_uneven_evaluation_shares(tmp_path):
+    """FSDP over gloo with 17 held-out prompts on 2 ranks (9 and 8, so 2 and 1 generation
+    batches of 8): every forward of the sharded model is collective, so the ranks must pad to the
+    same number of batches and decode in step (synced_gpus) for the toy evaluation to finish."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.driver_helpers import REPO
+
+    out = tmp_path / "fsdp"
+    argv = [*SMALL, "--iters", "1", "--fsdp", "--eval-num-samples", "17", "--generation-batch-size", "8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+         str(REPO / "run_iris.py"), *argv, "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(out)
+    assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
+    assert all(e["heldout_accuracy"] is not None for e in summary["iterations"])
