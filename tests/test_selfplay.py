@@ -101,6 +101,8 @@ def test_every_loss_runs_two_iterations(loss, tmp_path):
     entries = summary["iterations"]
     assert [e["iteration"] for e in entries] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in entries[1:])
+    # α is IRIS's order: the other objectives must not report one
+    assert all((e["alpha"] is not None) == (loss == "iris" and e["iteration"] > 0) for e in entries)
 
 
 def test_same_seed_gives_identical_metrics(iris_run, tmp_path):
