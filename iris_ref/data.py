@@ -255,9 +255,14 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def encode_pair(
-    tokenizer, prompt_messages: list[dict], response: str, max_length: int, max_prompt_length: int
+    tokenizer, prompt_messages: list[dict], response: str, max_length: int, max_prompt_length: int,
+    *, end_of_turn: bool = True,
 ) -> EncodedSequence | None:
     """Prompt ids + response ids + end-of-turn ids; None if the prompt is too long.
+
+    ``end_of_turn=False`` leaves the end-of-turn ids out: for a synthetic response that the
+    opponent did not finish (cut at ``max_new_tokens``), so that the scored sequence is one
+    the opponent actually produced.
 
     The prompt is too long if it exceeds ``max_prompt_length`` or leaves no room for a
     response token within ``max_length``. A response that does not fit is truncated (its
@@ -268,7 +273,9 @@ def encode_pair(
     prompt = prompt_ids(tokenizer, prompt_messages)
     if len(prompt) > max_prompt_length or len(prompt) >= max_length:
         return None
-    response_ids = tokenizer.encode(response, add_special_tokens=False) + end_of_turn_ids(tokenizer)
+    response_ids = tokenizer.encode(response, add_special_tokens=False)
+    if end_of_turn:
+        response_ids += end_of_turn_ids(tokenizer)
     ids = (prompt + response_ids)[:max_length]
     return EncodedSequence(input_ids=ids, prompt_length=len(prompt))
 

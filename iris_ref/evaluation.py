@@ -55,9 +55,9 @@ def evaluate(policy, tokenizer, examples, *, config, device, toy: bool, generate
         prompts = [ex.prompt_messages for ex in examples]
         texts = [_user_text(p) for p in prompts]
         model = unwrap_model(policy)
-        greedy = generate(model, tokenizer, prompts, config=config, seed=config.seed + 7, temperature=0.0,
+        greedy, _ = generate(model, tokenizer, prompts, config=config, seed=config.seed + 7, temperature=0.0,
                           device=device, max_new_tokens=config.max_new_tokens)
-        sampled = generate(model, tokenizer, prompts, config=config, seed=config.seed + 11,
+        sampled, _ = generate(model, tokenizer, prompts, config=config, seed=config.seed + 11,
                            temperature=config.temperature, device=device, max_new_tokens=config.max_new_tokens)
         out["heldout_accuracy"] = float(np.mean([tiny.toy_is_correct(x, y) for x, y in zip(texts, greedy)]))
         out["heldout_sampled_accuracy"] = float(np.mean([tiny.toy_is_correct(x, y) for x, y in zip(texts, sampled)]))

@@ -78,7 +78,8 @@ def generate_responses(
     device: str = "cpu",
     gpu_memory_utilization: float = 0.9,
     synced_gpus: bool = False,
-) -> list[str]:
+    return_finished: bool = False,
+):
     """One sampled response per prompt (a list of chat turns), in the prompts' order.
 
     ``model_or_path``: a loaded causal LM (hf backend; used on its own device, and ``device``
@@ -87,26 +88,33 @@ def generate_responses(
     vLLM's share of the GPU: the training model should be off the GPU while vLLM runs.
     ``synced_gpus`` (hf backend) keeps every rank stepping until all ranks are done, which a
     sharded (FSDP) model needs because each of its forwards is collective.
+    With ``return_finished`` the result is ``(texts, finished)``: ``finished[i]`` is False
+    when response i was cut at ``max_new_tokens`` before its end-of-turn token, so that the
+    caller does not append an end of turn the model never produced.
     """
     _check_sampling(max_new_tokens, temperature, top_p, batch_size)
     has_path = isinstance(model_or_path, (str, Path))
     chosen = choose_backend(
         backend, has_path=has_path, vllm_importable=vllm_is_importable(), cuda_available=torch.cuda.is_available()
     )
-    if not prompts:
-        return []
     token_ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
-    if chosen == "vllm":
-        return _generate_vllm(
+    if not prompts:
+        texts, finished = [], []
+    elif chosen == "vllm":
+        texts, finished = _generate_vllm(
             str(model_or_path), tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, gpu_memory_utilization
         )
-    if has_path:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(model_or_path)).to(device)
     else:
-        model = model_or_path
-    return _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus)
+        if has_path:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_or_path)).to(device)
+        else:
+            model = model_or_path
+        texts, finished = _generate_hf(
+            model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus
+        )
+    return (texts, finished) if return_finished else texts
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,11 +132,12 @@ def _left_padded(batch_ids: list[list[int]], pad_token_id: int, device) -> tuple
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cut_at_stop(new_ids: list[int], stops: set[int]) -> list[int]:
+def _cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """The new tokens before the first stop token, and whether there was one."""
     for position, token in enumerate(new_ids):
         if token in stops:
-            return new_ids[:position]
-    return new_ids
+            return new_ids[:position], True
+    return new_ids, False
 
 
 @contextlib.contextmanager
@@ -143,7 +152,9 @@ def _only_these_generation_settings(model, generation_config):
         model.generation_config = saved
 
 
-def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus=False) -> list[str]:
+def _generate_hf(
+    model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus=False
+) -> tuple[list[str], list[bool]]:
     from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer)
@@ -165,6 +176,7 @@ def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p
     was_training = model.training
     model.eval()
     responses: list[str] = []
+    finished: list[bool] = []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
@@ -177,11 +189,12 @@ def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p
                         synced_gpus=synced_gpus,
                     )
                     for row in output[:, input_ids.shape[1] :].tolist():
-                        new_ids = _cut_at_stop(row, set(stops))
+                        new_ids, stopped = _cut_at_stop(row, set(stops))
                         responses.append(tokenizer.decode(new_ids, skip_special_tokens=True))
+                        finished.append(stopped)
     finally:
         model.train(was_training)
-    return responses
+    return responses, finished
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,7 +204,7 @@ def _generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, top_p
 
 def _generate_vllm(
     path, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, gpu_memory_utilization
-) -> list[str]:
+) -> tuple[list[str], list[bool]]:
     from vllm import LLM, SamplingParams
 
     # vLLM sets up torch.distributed for its workers; it is ours to tear down only if it
@@ -213,7 +226,8 @@ def _generate_vllm(
             for index in range(len(token_ids))
         ]
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
-        return [output.outputs[0].text for output in outputs]
+        completions = [output.outputs[0] for output in outputs]
+        return [c.text for c in completions], [c.finish_reason == "stop" for c in completions]
     finally:
         _shutdown_vllm(llm, distributed_was_initialised)
         del llm

@@ -323,8 +323,9 @@ def _gather_objects(items: list) -> list:
 
 
 def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfig, seed: int, temperature: float,
-                   device: torch.device, max_new_tokens: int) -> list[str]:
-    """Generate one response per prompt; under torchrun each rank takes its contiguous share."""
+                   device: torch.device, max_new_tokens: int) -> tuple[list[str], list[bool]]:
+    """One response per prompt and whether it finished (ended with its end of turn rather than
+    at max_new_tokens); under torchrun each rank takes its contiguous share."""
     from iris_ref import generation
 
     share = dist_utils.shard_range(len(prompts))
@@ -346,9 +347,11 @@ def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfi
         str(model_or_path) if from_path else model_or_path, tokenizer, local_prompts, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=config.top_p, seed=seed + 100003 * dist_utils.get_rank(),
         batch_size=config.generation_batch_size, backend=config.generator if from_path else "hf",
-        device=str(device), **extra,
-    ) if local_prompts else []
-    return _gather_objects(local[:n_local])
+        device=str(device), return_finished=True, **extra,
+    ) if local_prompts else ([], [])
+    texts, finished = local
+    gathered = _gather_objects(list(zip(texts[:n_local], finished[:n_local])))
+    return [text for text, _ in gathered], [done for _, done in gathered]
 
 
 def _is_sharded(model) -> bool:
@@ -618,7 +621,10 @@ def _run(config: IrisConfig) -> dict:
         synthetic_path = iter_dir / "synthetic.jsonl"
         if synthetic_path.exists():
             rows = read_jsonl(synthetic_path)
+            if [row["prompt"] for row in rows] != [ex.prompt_messages for ex in examples]:
+                raise InputError(f"{synthetic_path} was generated for other prompts; delete it or use --overwrite")
             synthetic = [row["rejected"][-1]["content"] for row in rows]
+            finished = [row.get("rejected_finished", True) for row in rows]
         else:
             use_path = config.generator == "vllm" or dist_utils.parallel_strategy(policy) == "fsdp"
             if config.generator == "auto" and str(device).startswith("cuda"):
@@ -626,13 +632,18 @@ def _run(config: IrisConfig) -> dict:
 
                 use_path = use_path or generation.vllm_is_importable()
             source = str(opponent_path) if use_path else dist_utils.unwrap_model(policy)
-            synthetic = generate_split(source, tokenizer, prompts, config=config, seed=config.seed * 1000 + t,
-                                       temperature=config.temperature, device=device, max_new_tokens=config.max_new_tokens)
+            synthetic, finished = generate_split(
+                source, tokenizer, prompts, config=config, seed=config.seed * 1000 + t,
+                temperature=config.temperature, device=device, max_new_tokens=config.max_new_tokens,
+            )
+            # TRL-style rows; `rejected_finished` (ignored by TRL) is False for a response cut at
+            # max_new_tokens, which then gets no end-of-turn token appended.
             rows = [
                 {"prompt": ex.prompt_messages,
                  "chosen": [{"role": "assistant", "content": ex.response}],
-                 "rejected": [{"role": "assistant", "content": text}]}
-                for ex, text in zip(examples, synthetic)
+                 "rejected": [{"role": "assistant", "content": text}],
+                 "rejected_finished": done}
+                for ex, text, done in zip(examples, synthetic, finished)
             ]
             if dist_utils.is_main_process():
                 write_jsonl(synthetic_path, rows)
@@ -642,8 +653,9 @@ def _run(config: IrisConfig) -> dict:
         from iris_ref import data
 
         pairs = []
-        for real_seq, ex, text in zip(encoded, examples, synthetic):
-            syn_seq = data.encode_pair(tokenizer, ex.prompt_messages, text, config.max_length, config.max_prompt_length)
+        for real_seq, ex, text, done in zip(encoded, examples, synthetic, finished):
+            syn_seq = data.encode_pair(tokenizer, ex.prompt_messages, text, config.max_length, config.max_prompt_length,
+                                       end_of_turn=done)
             pairs.append((real_seq, syn_seq))
 
         # 3. opponent log-probs, once, keyed by the opponent's weights

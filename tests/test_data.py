@@ -235,3 +235,14 @@ def test_collate_rejects_bad_input():
         collate([], pad_token_id=0)
     with pytest.raises(ValueError, match="prompt_length 3 but 3 tokens"):
         collate([EncodedSequence([1, 2, 3], 3)], pad_token_id=0)
+
+
+def test_unfinished_responses_get_no_end_of_turn(tokenizer):
+    """A synthetic response cut at max_new_tokens is encoded without the end-of-turn token the
+    opponent never produced; a finished one (and every annotated one) ends with it."""
+    prompt = [{"role": "user", "content": "Name a letter between c and h."}]
+    finished = encode_pair(tokenizer, prompt, "e", 64, 32)
+    unfinished = encode_pair(tokenizer, prompt, "e", 64, 32, end_of_turn=False)
+    eot = end_of_turn_ids(tokenizer)
+    assert finished.input_ids == unfinished.input_ids + eot
+    assert finished.prompt_length == unfinished.prompt_length

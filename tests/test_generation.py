@@ -215,7 +215,8 @@ class FakeVllm:
             def generate(self, prompts, sampling_params, use_tqdm=True):
                 fake.calls.append(("generate", prompts, [p.kwargs for p in sampling_params]))
                 completion = types.SimpleNamespace
-                return [completion(outputs=[completion(text=f"answer {i}")]) for i in range(len(prompts))]
+                return [completion(outputs=[completion(text=f"answer {i}", finish_reason="stop" if i % 2 else "length")])
+                        for i in range(len(prompts))]
 
         vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
         parallel_state = types.ModuleType("vllm.distributed.parallel_state")
@@ -252,3 +253,33 @@ def test_vllm_backend_gets_the_same_token_ids_seeds_per_prompt_and_is_torn_down(
         (p["temperature"], p["top_p"], p["max_tokens"], p["stop_token_ids"]) == (1.0, 0.9, 7, [eos]) for p in params
     )
     assert teardown == [("cleanup",), ("empty_cache",)]
+
+
+def test_finished_flags_tell_truncated_responses_apart(model, tokenizer):
+    """return_finished reports, per response, whether it ended with its end-of-turn token:
+    a response cut at max_new_tokens is not finished (no end of turn may be appended to it)."""
+    texts, finished = generate_responses(model, tokenizer, PROMPTS * 4, max_new_tokens=1, seed=5, return_finished=True)
+    assert texts == generate_responses(model, tokenizer, PROMPTS * 4, max_new_tokens=1, seed=5)
+    assert len(finished) == len(texts)
+    for text, done in zip(texts, finished):
+        assert not (done and text)  # one new token: a stop token leaves nothing to decode
+        if text:
+            assert not done
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = {eos}
+    assert generation._cut_at_stop([7, 8, eos, 9], stops) == ([7, 8], True)
+    assert generation._cut_at_stop([7, 8, 9], stops) == ([7, 8, 9], False)
+
+
+def test_vllm_finish_reason_becomes_the_finished_flag(tiny_checkpoint, tokenizer, monkeypatch):
+    import sys
+
+    fake = FakeVllm()
+    for name, module in fake.module().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(generation, "vllm_is_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    texts, finished = generate_responses(tiny_checkpoint, tokenizer, PROMPTS, max_new_tokens=7, backend="vllm",
+                                         return_finished=True)
+    assert finished == [i % 2 == 1 for i in range(len(PROMPTS))]  # "stop" -> True, "length" -> False

@@ -41,7 +41,7 @@ def test_run_directory_layout_and_summary_schema(iris_run):
         assert (it / "checkpoint" / "tokenizer_config.json").exists()
         assert not (it / "trainer_state").exists()
         rows = [json.loads(line) for line in (it / "synthetic.jsonl").read_text().splitlines()]
-        assert len(rows) == 16 and set(rows[0]) == {"prompt", "chosen", "rejected"}
+        assert len(rows) == 16 and set(rows[0]) == {"prompt", "chosen", "rejected", "rejected_finished"}
         assert rows[0]["chosen"][0]["role"] == "assistant" and rows[0]["prompt"][-1]["role"] == "user"
         steps = [json.loads(line) for line in (it / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2]
@@ -78,8 +78,11 @@ def test_opponent_logprobs_match_the_opponent_and_are_recomputed_for_other_weigh
     from iris_ref import data
 
     rows = [json.loads(line) for line in (run_dir / "iter_2" / "synthetic.jsonl").read_text().splitlines()]
-    pairs = [(seq, data.encode_pair(tokenizer, ex.prompt_messages, row["rejected"][0]["content"], 48, 32))
+    # a response the opponent did not finish (cut at max_new_tokens) gets no end-of-turn token
+    pairs = [(seq, data.encode_pair(tokenizer, ex.prompt_messages, row["rejected"][0]["content"], 48, 32,
+                                    end_of_turn=row["rejected_finished"]))
              for seq, ex, row in zip(encoded, examples, rows)]
+    assert not all(row["rejected_finished"] for row in rows)  # this weak model runs out of tokens
     real, synthetic = compute_logprobs(opponent, pairs, tokenizer.pad_token_id, 4)
     torch.testing.assert_close(real, saved["real"], rtol=0, atol=1e-4)
     torch.testing.assert_close(synthetic, saved["synthetic"], rtol=0, atol=1e-4)
