@@ -129,29 +129,34 @@ def test_help_lists_options_with_defaults(flag, capsys):
         assert option in text
 
 
-def test_torchrun_two_ranks_on_cpu(tmp_path):
-    """DDP over gloo: generation and opponent log-probs split over ranks and gathered in order,
-    files written by rank 0 only, the opponent still the previous checkpoint."""
+def run_two_ranks(out, port: int, *extra: str) -> dict:
+    """`torchrun --nproc_per_node 2 run_iris.py SMALL... extra...` on CPU (gloo); the run's summary."""
     import os
     import subprocess
     import sys
 
+    from tests.driver_helpers import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(REPO / "run_iris.py"), *SMALL, *extra, "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_summary(out)
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    """DDP over gloo: generation and opponent log-probs split over ranks and gathered in order,
+    files written by rank 0 only, the opponent still the previous checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from iris_ref.selfplay import weights_sha256
-    from tests.driver_helpers import REPO
 
     out = tmp_path / "ddp"
-    argv = [*SMALL, "--iters", "1"]  # the last occurrence wins
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(REPO / "run_iris.py"), *argv, "--output-dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = read_summary(out)
+    summary = run_two_ranks(out, 29517, "--iters", "1")  # the last occurrence wins
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
     rows = (out / "iter_1" / "synthetic.jsonl").read_text().splitlines()
     prompts = [json.loads(r)["prompt"][0]["content"] for r in rows]
@@ -169,21 +174,7 @@ def test_torchrun_fsdp_with_uneven_evaluation_shares(tmp_path):
     """FSDP over gloo with 17 held-out prompts on 2 ranks (9 and 8, so 2 and 1 generation
     batches of 8): every forward of the sharded model is collective, so the ranks must pad to the
     same number of batches and decode in step (synced_gpus) for the toy evaluation to finish."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.driver_helpers import REPO
-
-    out = tmp_path / "fsdp"
-    argv = [*SMALL, "--iters", "1", "--fsdp", "--eval-num-samples", "17", "--generation-batch-size", "8"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-         str(REPO / "run_iris.py"), *argv, "--output-dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = read_summary(out)
+    summary = run_two_ranks(tmp_path / "fsdp", 29519, "--iters", "1", "--fsdp", "--eval-num-samples", "17",
+                            "--generation-batch-size", "8")
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
     assert all(e["heldout_accuracy"] is not None for e in summary["iterations"])
