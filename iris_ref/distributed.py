@@ -141,6 +141,15 @@ def all_gather_1d(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, lengths)]).to(tensor.device)
 
 
+def all_gather_objects(items: list) -> list:
+    """Concatenate every rank's list of picklable objects in rank order (a copy in one process)."""
+    if not is_distributed():
+        return list(items)
+    parts: list = [None] * get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def all_reduce_sum(value: float) -> float:
     """Sum of a python number over ranks (identity in one process)."""
     if not is_distributed():
