@@ -1,17 +1,24 @@
-"""The run configuration: one dataclass, a YAML file plus command-line overrides.
+"""The run configuration: one dataclass, one source of truth for every default.
 
-`IrisConfig` holds every option of a self-play run. Options whose published default differs
-between the paper-scale setting (`--model` given) and the embedded offline default (no
-`--model`) are `None` in the dataclass and filled by `resolve()`:
+Layers, later ones win:
 
-- paper-scale defaults (`PAPER_DEFAULTS`) follow the published self-play setups (SPIN, Chen et
-  al. 2024, and SPACE, Wang et al. 2025; see DESIGN.md), and
-- embedded defaults (`EMBEDDED_DEFAULTS`) were chosen from measurements on the shipped toy task
-  (docs/usage.md lists what was tried).
+1. the field defaults of `IrisConfig`: the published self-play setups (SPIN, Chen et al.
+   2024; SPACE, Wang et al. 2025), each with its source in the help text;
+2. without `--model`, the embedded default `iris_ref/configs/tiny.yaml` (a tiny model built
+   on the spot and the shipped toy task; its constants were chosen from measurements);
+3. `--config file.yaml`: a path, or the name of a shipped config in `iris_ref/configs/`
+   (`qwen2.5-3b`, `zephyr-7b`, `tiny`);
+4. options on the command line.
 
-An option given on the command line or in the YAML file always wins over both.
-`parse_config(argv)` returns the resolved, validated config, or raises `ConfigError` with a
-one-line message; it never loads a model or a dataset (validation happens before heavy work).
+A few options are derived when not given (`resolve()`): `max_new_tokens`, `bf16` and
+gradient checkpointing (on with CUDA), dataset splits, SPACE's β and μ, the output folder.
+
+`--resume` needs nothing but `--output-dir`: the run's saved `config.json` supplies every
+option, options given again must agree with it (all disagreements are listed in one
+message), and only the options in `RESUMABLE_CHANGES` may differ.
+
+`parse_config(argv)` returns the resolved, validated config or raises `ConfigError` (one
+line). It reads no model and no dataset.
 """
 
 from __future__ import annotations
@@ -20,147 +27,116 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 LOSSES = ("iris", "spin", "space", "spif")
-
-# SPIN's released recipe: zephyr-7b-sft-full on UltraChat-200k (first turn, split train_sft).
-DEFAULT_HUB_DATASET = "HuggingFaceH4/ultrachat_200k"
-
-PAPER_DEFAULTS: dict[str, Any] = {
-    "beta": 0.1,  # SPIN lambda = 0.1; SPACE uses beta = 1 (applied for --loss space)
-    "learning_rate": 5e-7,  # SPIN (iteration 0 used 5e-7; later iterations 1e-7)
-    "optimizer": "rmsprop",  # SPIN: RMSprop, no weight decay
-    "warmup_ratio": 0.1,  # SPIN/alignment-handbook: 10% warmup, then linear decay
-    "epochs": 2,  # SPIN: 2 epochs per iteration
-    "global_batch_size": 64,  # SPIN: 8 GPUs x 8
-    "micro_batch_size": 8,  # SPIN: per-device batch 8
-    "max_length": 1024,  # SPIN
-    "max_prompt_length": 512,  # SPIN
-    "num_samples": 50000,  # SPIN: 50k prompts of UltraChat-200k (26k: IRIS data-efficiency setting)
-    "sft_epochs": 0,  # the given model is already the SFT model
-    "eval_num_samples": 256,  # held-out prompts per evaluation (our choice: cost bound)
-    "generation_batch_size": 16,
-    "save_steps": 50,
-}
-
-# Chosen from measurements on the toy task (docs/usage.md, "Embedded default").
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "beta": 1.0,
-    "learning_rate": 1e-4,
-    "optimizer": "adamw",
-    "warmup_ratio": 0.1,
-    "epochs": 1,
-    "global_batch_size": 32,
-    "micro_batch_size": 16,
-    "max_length": 64,
-    "max_prompt_length": 32,
-    "num_samples": None,  # every toy training row
-    "sft_epochs": 2,
-    "sft_learning_rate": 3e-3,
-    "eval_num_samples": None,  # every held-out row
-    "generation_batch_size": 64,
-    "save_steps": 20,
-    "threads": 1,
-}
+DEFAULT_HUB_DATASET = "HuggingFaceH4/ultrachat_200k"  # SPIN: UltraChat-200k, first turn, train_sft
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: found from any folder
+EMBEDDED_CONFIG = SHIPPED_CONFIGS / "tiny.yaml"
 
 
 class ConfigError(ValueError):
     """A bad or contradictory option; its message is one line, shown as `error: <message>`."""
 
 
-def _opt(default, help_text: str, **extra):
-    return field(default=default, metadata={"help": help_text, **extra})
+def _opt(default, help_text: str, group: str, source: str = "", **extra):
+    """A config field: what it does (`help`), its section of --help, and where its default comes from."""
+    return field(default=default, metadata={"help": help_text, "group": group, "source": source, **extra})
 
 
 @dataclass
 class IrisConfig:
     # --- what to train -----------------------------------------------------------------
-    model: Optional[str] = _opt(
-        None,
-        "SFT model to start from: hub id or local HF folder. Default: none, which runs the embedded "
-        "offline default (tiny Qwen2 model built on the spot + toy task + SFT warm-up).",
-    )
-    dataset: Optional[str] = _opt(
-        None,
-        f"Hub dataset name or local .json/.jsonl/.parquet with a `messages` column. Default: "
-        f"{DEFAULT_HUB_DATASET} (SPIN) with --model, the shipped toy task without.",
-    )
-    split: Optional[str] = _opt(
-        None, "Dataset split. Default: train_sft for hub datasets (SPIN), train for local files."
-    )
-    num_samples: Optional[int] = _opt(
-        None, "Number of prompts (fixed seeded subset). Default: 50000 (SPIN) with --model; all toy rows without."
-    )
-    first_turn: bool = _opt(
-        True, "Use the first user turn as prompt (SPIN). --no-first-turn keeps the whole conversation before the last assistant turn."
-    )
-    eval_dataset: Optional[str] = _opt(
-        None, "Held-out data for per-iteration evaluation. Default: the toy held-out file without --model; the dataset's test_sft split with the hub default; none otherwise."
-    )
-    eval_split: Optional[str] = _opt(None, "Split of --eval-dataset. Default: test_sft for hub datasets, train for local files.")
-    eval_num_samples: Optional[int] = _opt(None, "Held-out rows per evaluation. Default: 256 with --model; all toy rows without.")
-    iters: int = _opt(3, "Number of self-play iterations (SPIN and IRIS report 3).")
+    model: Optional[str] = _opt(None, "SFT model to start from: hub id or local Hugging Face folder; none runs the "
+                                "embedded default (a tiny Qwen2 model built on the spot, the toy task, an SFT warm-up).",
+                                "data")
+    dataset: Optional[str] = _opt(None, "Annotated data: hub name, or a local .json/.jsonl/.parquet file with `messages`, "
+                                  "`prompt`+`chosen` or `prompt`+`completion`.", "data",
+                                  f"{DEFAULT_HUB_DATASET} with --model (SPIN); the toy task without")
+    split: Optional[str] = _opt(None, "Dataset split.", "data", "train_sft for hub datasets (SPIN), train for local files")
+    num_samples: Optional[int] = _opt(50000, "Prompts used: a fixed seeded subset (none: all).", "data",
+                                      "SPIN; 26k is the IRIS data-efficiency setting")
+    first_turn: bool = _opt(True, "The prompt is the first user turn; --no-first-turn keeps the whole conversation "
+                            "before the last assistant turn.", "data", "SPIN")
+    eval_dataset: Optional[str] = _opt(None, "Held-out data evaluated after every iteration.", "data",
+                                       "test_sft of the hub default; the toy held-out file without --model; else none")
+    eval_split: Optional[str] = _opt(None, "Split of --eval-dataset.", "data", "test_sft for hub datasets, train for local files")
+    eval_num_samples: Optional[int] = _opt(256, "Held-out rows per evaluation (none: all).", "data", "our choice: a cost bound")
+    iters: int = _opt(3, "Self-play iterations.", "data", "SPIN, IRIS")
     # --- objective ---------------------------------------------------------------------
-    loss: Literal["iris", "spin", "space", "spif"] = _opt("iris", "Self-play objective.")
+    loss: Literal["iris", "spin", "space", "spif"] = _opt("iris", "Self-play objective (THEORY.md section 2).", "objective")
     alpha_schedule: Literal["adaptive", "constant", "linear"] = _opt(
-        "adaptive", "Order schedule (THEORY.md section 4): adaptive gap-based, constant --alpha, or linear decay from --alpha-max to --alpha-min."
-    )
-    alpha: float = _opt(1.0, "IRIS order for --alpha-schedule constant (alpha = 1 is the KL/SPIN regime).")
-    alpha_min: float = _opt(0.5, "Smallest order of the adaptive/linear schedule (symmetric regime, THEORY.md section 4).")
-    alpha_max: float = _opt(2.0, "Largest order, used at the first iteration (chi-square regime, THEORY.md section 4).")
-    gap: Literal["auc", "mean"] = _opt("auc", "Gap measure of the adaptive schedule: |2 AUC - 1| of per-token opponent scores, or the mean score difference.")
-    beta: Optional[float] = _opt(
-        None, "Reward scale beta. Default: 0.1 (SPIN) with --model, 1.0 for --loss space (SPACE); 1.0 for the embedded default (measured)."
-    )
-    mu: float = _opt(1.0, "SPACE: synthetic samples per annotated sample (SPACE paper: 1).")
-    reward_bound: Optional[float] = _opt(None, "SPIF: optional bound |r| <= B on the rewards (default: none).")
+        "adaptive", "Order schedule: the guarded gap-based one, constant --alpha, or linear from --alpha-max to "
+        "--alpha-min.", "objective", "THEORY.md section 4")
+    alpha: float = _opt(1.0, "IRIS order of the constant schedule.", "objective", "the KL (SPIN) regime")
+    alpha_min: float = _opt(0.5, "Smallest order of the adaptive and linear schedules.", "objective",
+                            "THEORY.md section 4: the symmetric regime")
+    alpha_max: float = _opt(2.0, "Largest order, used at the first iteration.", "objective",
+                            "THEORY.md section 4: the chi-square regime")
+    gap: Literal["auc", "mean"] = _opt("auc", "Gap of the adaptive schedule: |2 AUC - 1| of the opponent's per-token "
+                                       "scores, or their mean difference.", "objective", "THEORY.md section 4")
+    beta: Optional[float] = _opt(None, "Reward scale beta.", "objective", "0.1 (SPIN's lambda); 1.0 for --loss space (SPACE)")
+    num_synthetic: int = _opt(1, "Synthetic responses per prompt, K: IRIS and SPIF use all K*N, SPIN every "
+                              "(annotated, synthetic) pair of a prompt.", "objective", "SPIN, SPACE")
+    mu: Optional[float] = _opt(None, "SPACE: synthetic samples per annotated one.", "objective", "--num-synthetic (SPACE: 1)")
+    reward_bound: Optional[float] = _opt(None, "SPIF: bound |r| <= B on the rewards (none: unbounded).", "objective",
+                                         "SPIF, reconstructed")
     # --- optimisation ------------------------------------------------------------------
-    optimizer: Optional[Literal["rmsprop", "adamw"]] = _opt(
-        None, "Optimizer. Default: rmsprop without weight decay (SPIN) with --model; adamw for the embedded default (measured)."
-    )
-    learning_rate: Optional[float] = _opt(None, "Peak learning rate. Default: 5e-7 (SPIN) with --model; 1e-4 embedded (measured).")
-    weight_decay: float = _opt(0.0, "Weight decay (SPIN: 0).")
-    warmup_ratio: Optional[float] = _opt(None, "Fraction of steps of linear warmup, then linear decay. Default: 0.1 (SPIN).")
-    epochs: Optional[int] = _opt(None, "Epochs per iteration. Default: 2 (SPIN); 1 embedded (time budget).")
-    global_batch_size: Optional[int] = _opt(None, "Pairs per optimizer step. Default: 64 (SPIN: 8 GPUs x 8); 32 embedded.")
-    micro_batch_size: Optional[int] = _opt(None, "Pairs per forward/backward (gradient accumulation; per rank under torchrun). Default: 8 (SPIN per-device); 16 embedded.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (TRL/transformers default 1.0).")
-    gradient_checkpointing: Optional[bool] = _opt(
-        None, "Non-reentrant gradient checkpointing (--gradient-checkpointing [true|false]). Default: on with CUDA, off on CPU.", nargs="?", const=True
-    )
-    bf16: Optional[bool] = _opt(
-        None, "bf16 autocast (--bf16 [true|false]). Default: on with CUDA, off on CPU; requires CUDA.", nargs="?", const=True
-    )
+    optimizer: Literal["rmsprop", "adamw"] = _opt("rmsprop", "Optimizer (RMSprop without weight decay, or AdamW).", "optimisation", "SPIN")
+    learning_rate: float = _opt(5e-7, "Peak learning rate.", "optimisation", "SPIN, iteration 0")
+    weight_decay: float = _opt(0.0, "Weight decay (AdamW: matrices only).", "optimisation", "SPIN")
+    warmup_ratio: float = _opt(0.1, "Fraction of steps of linear warmup, then linear decay.", "optimisation",
+                               "SPIN, alignment-handbook")
+    epochs: int = _opt(2, "Epochs per iteration.", "optimisation", "SPIN")
+    global_batch_size: int = _opt(64, "Prompts per optimizer step.", "optimisation", "SPIN: 8 GPUs x 8")
+    micro_batch_size: int = _opt(8, "Prompts per forward/backward, with all their responses (per rank under torchrun).",
+                                 "optimisation", "SPIN: 8 per device")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.", "optimisation", "TRL, transformers")
+    gradient_checkpointing: Optional[bool] = _opt(None, "Non-reentrant gradient checkpointing.", "optimisation",
+                                                  "on with CUDA, off on CPU", nargs="?", const=True)
+    bf16: Optional[bool] = _opt(None, "bf16 autocast (needs CUDA).", "optimisation", "on with CUDA (SPIN), off on CPU",
+                                nargs="?", const=True)
     parallel: Literal["auto", "ddp", "fsdp", "none"] = _opt(
-        "auto", "Under torchrun: DDP (auto) or FSDP2 (fsdp: fully_shard per decoder layer) for models that do not fit one GPU."
-    )
-    fsdp: bool = _opt(False, "Shorthand for --parallel fsdp.")
-    save_steps: Optional[int] = _opt(None, "Save the trainer state (for --resume) every N optimizer steps. Default: 50; 20 embedded.")
+        "auto", "Under torchrun: DDP (auto), or FSDP2 (fully_shard per decoder layer) for models that do not fit one GPU.",
+        "optimisation")
+    fsdp: bool = _opt(False, "Shorthand for --parallel fsdp.", "optimisation")
+    save_minutes: float = _opt(30.0, "Save the trainer state for --resume at most every M minutes.", "optimisation",
+                               "about 25 GB a copy at 3B: bounds lost work and disk time (docs/performance.md)")
+    save_steps: Optional[int] = _opt(None, "Also save the trainer state every N optimizer steps.", "optimisation")
     # --- lengths and generation ----------------------------------------------------------
-    max_length: Optional[int] = _opt(None, "Max tokens of prompt + response. Default: 1024 (SPIN); 64 embedded.")
-    max_prompt_length: Optional[int] = _opt(None, "Max prompt tokens; longer prompts are skipped and counted. Default: 512 (SPIN); 32 embedded.")
-    max_new_tokens: Optional[int] = _opt(None, "Max generated tokens. Default: max_length - max_prompt_length.")
-    temperature: float = _opt(1.0, "Sampling temperature of the opponent (SPIN: 1.0).")
-    top_p: float = _opt(1.0, "Nucleus sampling of the opponent (SPIN: 1.0).")
-    generator: Literal["auto", "vllm", "hf"] = _opt("auto", "Generation backend: vLLM when importable and CUDA is present (auto), else transformers.")
-    generation_batch_size: Optional[int] = _opt(None, "Prompts per generation batch (transformers backend). Default: 16; 64 embedded.")
-    # --- embedded default: SFT warm-up ---------------------------------------------------
-    sft_epochs: Optional[int] = _opt(None, "Epochs of SFT warm-up before self-play. Default: 0 with --model (the model is the SFT model); 2 embedded.")
-    sft_learning_rate: Optional[float] = _opt(None, "Learning rate of the SFT warm-up. Default: --learning-rate; 3e-3 embedded.")
+    max_length: int = _opt(1024, "Max tokens of prompt + response.", "generation", "SPIN")
+    max_prompt_length: int = _opt(512, "Max prompt tokens; longer prompts are skipped and counted.", "generation", "SPIN")
+    max_new_tokens: Optional[int] = _opt(None, "Max generated tokens.", "generation", "max length - max prompt length")
+    temperature: float = _opt(1.0, "Sampling temperature of the opponent.", "generation", "SPIN")
+    top_p: float = _opt(1.0, "Nucleus sampling of the opponent.", "generation", "SPIN")
+    generator: Literal["auto", "vllm", "hf"] = _opt("auto", "Generation backend: vLLM when it imports and CUDA is "
+                                                    "present (auto), else transformers.", "generation")
+    generation_batch_size: int = _opt(64, "Sequences per transformers generation batch (length-sorted).", "generation",
+                                      "bench/generation_throughput.py")
+    gpu_memory_utilization: float = _opt(0.85, "vLLM's share of the GPU's total memory (nothing else is on the GPU "
+                                         "while it runs).", "generation", "vLLM's default 0.9, less a margin")
+    # --- SFT warm-up -------------------------------------------------------------------
+    sft_epochs: int = _opt(0, "Epochs of SFT on the annotated data before self-play; the result is iter_0/checkpoint, "
+                           "the first opponent.", "sft", "the given model is already the SFT model")
+    sft_learning_rate: Optional[float] = _opt(None, "Learning rate of the SFT warm-up.", "sft", "--learning-rate")
+    sft_patience: Optional[int] = _opt(None, "Early stopping of the warm-up: stop after N epochs without a better "
+                                       "held-out NLL and keep the best epoch (none: keep the last).", "sft")
     # --- run ---------------------------------------------------------------------------
-    output_dir: Optional[str] = _opt(None, "Run directory. Default: runs/<model name>-<loss>.")
-    resume: bool = _opt(False, "Continue a killed run in --output-dir from its last completed iteration/step.")
-    overwrite: bool = _opt(False, "Delete an existing run in --output-dir and start afresh.")
-    seed: int = _opt(0, "Seed of data subset, sampling, initialisation and data order.")
-    device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    threads: Optional[int] = _opt(
-        None, "torch intra-op CPU threads. Default: torch's own with --model; 1 embedded (measured: the tiny model's "
-        "matrices gain nothing from more, and an oversubscribed machine made 2 threads 10x slower)."
-    )
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub (off: safe loading).")
+    output_dir: Optional[str] = _opt(None, "Run folder.", "run", "runs/<model name>-<loss>")
+    resume: bool = _opt(False, "Continue the run in --output-dir with its saved options.", "run")
+    overwrite: bool = _opt(False, "Delete the run in --output-dir and start afresh (only a folder this project "
+                           "created).", "run")
+    dry_run: bool = _opt(False, "Check the config, the model's config and tokenizer and the data, print the plan, "
+                         "and exit.", "run")
+    report_to: Literal["jsonl", "tensorboard"] = _opt("jsonl", "Per-step metrics: metrics.jsonl always; tensorboard "
+                                                      "also writes events to <output-dir>/tensorboard.", "run")
+    seed: int = _opt(0, "Seed of the data subset, sampling, initialisation and data order.", "run")
+    device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.", "run")
+    threads: Optional[int] = _opt(None, "torch intra-op CPU threads (none: torch's default).", "run")
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.", "run", "safe loading")
 
     # ---------------------------------------------------------------------------------
     @property
@@ -169,97 +145,95 @@ class IrisConfig:
         return self.model is None
 
     def resolve(self) -> "IrisConfig":
-        """Fill every `None` default (paper-scale or embedded) and derived value; returns a copy."""
-        values = dataclasses.asdict(self)
-        table = EMBEDDED_DEFAULTS if self.embedded else PAPER_DEFAULTS
-        for key, default in table.items():
-            if key in values and values[key] is None:
-                values[key] = default
-        if not self.embedded and self.loss == "space" and self.beta is None:
-            values["beta"] = 1.0  # SPACE paper
-        if values["fsdp"]:
-            if values["parallel"] not in ("auto", "fsdp"):
-                raise ConfigError(f"--fsdp contradicts --parallel {values['parallel']}")
-            values["parallel"] = "fsdp"
-        if values["sft_learning_rate"] is None:
-            values["sft_learning_rate"] = values["learning_rate"]
-        if values["max_new_tokens"] is None and values["max_length"] is not None and values["max_prompt_length"] is not None:
-            values["max_new_tokens"] = values["max_length"] - values["max_prompt_length"]
-        if values["device"] == "auto":
-            values["device"] = "cuda" if _cuda_available() else "cpu"
-        on_cuda = str(values["device"]).startswith("cuda")
-        if values["bf16"] is None:
-            values["bf16"] = on_cuda
-        if values["gradient_checkpointing"] is None:
-            values["gradient_checkpointing"] = on_cuda
-        if values["dataset"] is None and not self.embedded:
-            values["dataset"] = DEFAULT_HUB_DATASET
-        if values["eval_dataset"] is None and values["dataset"] == DEFAULT_HUB_DATASET:
-            values["eval_dataset"] = DEFAULT_HUB_DATASET
-        if values["split"] is None and values["dataset"] is not None:
-            values["split"] = "train" if _is_local(values["dataset"]) else "train_sft"
-        if values["eval_split"] is None and values["eval_dataset"] is not None:
-            values["eval_split"] = "train" if _is_local(values["eval_dataset"]) else "test_sft"
-        if values["output_dir"] is None:
-            name = "tiny" if self.embedded else Path(str(self.model).rstrip("/")).name
-            values["output_dir"] = str(Path("runs") / f"{name}-{values['loss']}")
-        return IrisConfig(**values)
+        """Fill the derived values (the `None` options that depend on others); returns a copy."""
+        v = dataclasses.asdict(self)
+        if v["fsdp"]:
+            if v["parallel"] not in ("auto", "fsdp"):
+                raise ConfigError(f"--fsdp contradicts --parallel {v['parallel']}")
+            v["parallel"] = "fsdp"
+        if v["beta"] is None:
+            v["beta"] = 1.0 if v["loss"] == "space" else 0.1
+        if v["mu"] is None:
+            v["mu"] = float(v["num_synthetic"])
+        if v["sft_learning_rate"] is None:
+            v["sft_learning_rate"] = v["learning_rate"]
+        if v["max_new_tokens"] is None:
+            v["max_new_tokens"] = v["max_length"] - v["max_prompt_length"]
+        if v["device"] == "auto":
+            v["device"] = "cuda" if _cuda_available() else "cpu"
+        on_cuda = str(v["device"]).startswith("cuda")
+        for name in ("bf16", "gradient_checkpointing"):
+            if v[name] is None:
+                v[name] = on_cuda
+        if v["dataset"] is None and not self.embedded:
+            v["dataset"] = DEFAULT_HUB_DATASET
+        if v["eval_dataset"] is None and v["dataset"] == DEFAULT_HUB_DATASET:
+            v["eval_dataset"] = DEFAULT_HUB_DATASET
+        for data_key, split_key, hub_split in (("dataset", "split", "train_sft"), ("eval_dataset", "eval_split", "test_sft")):
+            if v[data_key] is not None:
+                v[data_key] = absolute_if_local(v[data_key])
+                if v[split_key] is None:
+                    v[split_key] = "train" if is_local(v[data_key]) else hub_split
+        if v["model"] is not None:
+            v["model"] = absolute_if_local(v["model"])
+        if v["output_dir"] is None:
+            v["output_dir"] = str(Path("runs") / f"{default_run_name(self.model)}-{v['loss']}")
+        v["output_dir"] = os.path.abspath(os.path.expanduser(v["output_dir"]))
+        return IrisConfig(**v)
 
     def validate(self) -> None:
-        """Raise `ConfigError` (one line) for bad or contradictory options. Call on a resolved config."""
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("alpha_schedule", self.alpha_schedule, ("adaptive", "constant", "linear"))
-        _check_choice("gap", self.gap, ("auc", "mean"))
-        _check_choice("optimizer", self.optimizer, ("rmsprop", "adamw"))
-        _check_choice("generator", self.generator, ("auto", "vllm", "hf"))
-        _check_choice("parallel", self.parallel, ("auto", "ddp", "fsdp", "none"))
-        if self.iters < 1:
-            raise ConfigError(f"--iters must be >= 1, got {self.iters}")
-        for name in ("alpha", "alpha_min", "alpha_max"):
+        """Raise `ConfigError` (one line) for bad or contradictory options; call on a resolved config."""
+        for name, choices in (("loss", LOSSES), ("alpha_schedule", ("adaptive", "constant", "linear")),
+                              ("gap", ("auc", "mean")), ("optimizer", ("rmsprop", "adamw")),
+                              ("generator", ("auto", "vllm", "hf")), ("parallel", ("auto", "ddp", "fsdp", "none")),
+                              ("report_to", ("jsonl", "tensorboard"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{_flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length ({self.max_length})")
+        at_least_one = ("iters", "epochs", "global_batch_size", "micro_batch_size", "max_length", "max_prompt_length",
+                        "max_new_tokens", "generation_batch_size", "num_synthetic")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        positive = ("alpha", "alpha_min", "alpha_max", "beta", "mu", "learning_rate", "sft_learning_rate",
+                    "temperature", "max_grad_norm", "save_minutes")
+        for name in positive:
             if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (IRIS order alpha), got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.sft_epochs < 0:
+            raise ConfigError(f"--sft-epochs must be >= 0, got {self.sft_epochs}")
         if self.alpha_min > self.alpha_max:
             raise ConfigError(f"--alpha-min ({self.alpha_min}) is larger than --alpha-max ({self.alpha_max})")
-        for name in ("beta", "mu", "learning_rate", "sft_learning_rate", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.reward_bound is not None and not self.reward_bound > 0:
             raise ConfigError(f"--reward-bound must be > 0, got {self.reward_bound}")
         if self.reward_bound is not None and self.loss != "spif":
             raise ConfigError(f"--reward-bound only applies to --loss spif, not {self.loss}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise ConfigError("--weight-decay must be >= 0 and --max-grad-norm > 0")
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(
-                f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length ({self.max_length})"
-            )
-        for name in ("epochs", "global_batch_size", "micro_batch_size", "max_length", "max_prompt_length",
-                     "max_new_tokens", "generation_batch_size", "save_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if self.sft_epochs < 0:
-            raise ConfigError(f"--sft-epochs must be >= 0, got {self.sft_epochs}")
-        for name in ("num_samples", "eval_num_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"--micro-batch-size {self.micro_batch_size} does not divide --global-batch-size {self.global_batch_size}"
-            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.max_new_tokens > self.max_length - self.max_prompt_length:
             raise ConfigError(
                 f"--max-new-tokens ({self.max_new_tokens}) exceeds --max-length - --max-prompt-length "
-                f"({self.max_length - self.max_prompt_length}): generated responses would not fit the training length"
-            )
+                f"({self.max_length - self.max_prompt_length}): generated responses would not fit the training length")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"--micro-batch-size {self.micro_batch_size} does not divide --global-batch-size {self.global_batch_size}")
+        if self.sft_patience is not None and self.sft_epochs < 1:
+            raise ConfigError("--sft-patience needs --sft-epochs >= 1 (the most epochs of the warm-up)")
+        if self.sft_patience is not None and self.eval_dataset is None and not self.embedded:
+            raise ConfigError("--sft-patience stops on held-out NLL: give --eval-dataset")
         on_cuda = str(self.device).startswith("cuda")
-        if self.device != "cpu" and not on_cuda:
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if on_cuda and not _cuda_available():
             raise ConfigError(f"--device {self.device} requested but CUDA is not available")
@@ -270,22 +244,50 @@ class IrisConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other")
 
-    def training_dict(self) -> dict[str, Any]:
-        """Plain dict of the resolved config (JSON-serialisable), as saved in config.json."""
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the config (JSON-serialisable), as saved in config.json."""
         return dataclasses.asdict(self)
 
 
-# Options that may differ between the original run and a --resume of it.
-RESUMABLE_CHANGES = frozenset({"iters", "resume", "overwrite", "device", "generator", "generation_batch_size", "threads"})
+# Options that may differ between a run and a --resume of it: how and where it runs, and how
+# far it goes; never what it computes.
+RESUMABLE_CHANGES = frozenset({
+    "iters", "resume", "overwrite", "dry_run", "device", "generator", "generation_batch_size",
+    "gpu_memory_utilization", "threads", "report_to", "save_minutes", "save_steps", "output_dir",
+})
+# Options that hold a path: compared after resolving them against the current directory.
+PATH_OPTIONS = ("model", "dataset", "eval_dataset", "output_dir")
+_GENERIC_NAMES = re.compile(r"^(checkpoint(-\d+)?|iter_\d+|final|best|latest|model|hf|output)$")
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _is_local(source: str) -> bool:
-    return os.path.exists(source) or source.endswith((".json", ".jsonl", ".parquet")) or source.startswith((".", "/"))
+def is_local(source: str) -> bool:
+    return os.path.exists(os.path.expanduser(source)) or source.endswith((".json", ".jsonl", ".parquet")) \
+        or source.startswith((".", "/", "~"))
+
+
+def absolute_if_local(source: str) -> str:
+    """A local path made absolute (so a run stays valid from another folder); hub ids unchanged."""
+    return os.path.abspath(os.path.expanduser(source)) if is_local(source) else source
+
+
+def default_run_name(model: Optional[str]) -> str:
+    """`tiny`, a hub id's name, or a local folder's name with its parents until one is not generic
+    (`runs/x/iter_3/checkpoint` gives `x-iter_3`, so checkpoints of one run do not collide)."""
+    if model is None:
+        return "tiny"
+    parts = [p for p in Path(str(model).rstrip("/")).parts if p not in ("/", ".", "..")]
+    if not is_local(model):
+        return parts[-1]
+    name = []
+    for part in reversed(parts):
+        name.insert(0, part)
+        if not _GENERIC_NAMES.match(part):
+            break
+    return "-".join(name[-3:])
 
 
 def _cuda_available() -> bool:
@@ -294,29 +296,89 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class _OneLineParser:
-    """Builds the `HfArgumentParser` whose errors are one line (`ConfigError`), not usage + exit."""
-
-    @staticmethod
-    def build():
-        from transformers import HfArgumentParser
-
-        class Parser(HfArgumentParser):
-            def error(self, message):  # argparse would print usage and exit; we want one line
-                raise ConfigError(message.splitlines()[0])
-
-        parser = Parser(IrisConfig, description="IRIS self-play fine-tuning (iris-ref).", allow_abbrev=False)
-        parser.add_argument("--config", default=None, help="YAML file of options; command-line options override it.")
-        return parser
+# ----------------------------------------------------------------------------------------
+# parsing
+# ----------------------------------------------------------------------------------------
+_UNSET = object()
 
 
 def build_parser():
-    """The command-line parser (also used by `run_iris.py --help`)."""
-    return _OneLineParser.build()
+    """The command-line parser: transformers' `HfArgumentParser` over `IrisConfig`, with one-line
+    errors and a compact help (dashed names, each default shown once with the embedded one)."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse prints usage and exits; we want one line
+            raise ConfigError(message.splitlines()[0])
+
+        def format_help(self):
+            return format_help()
+
+        @staticmethod
+        def _parse_dataclass_field(parser, f):
+            # `group` and `source` are for format_help; argparse would reject them.
+            plain = dataclasses.field(default=f.default, metadata={k: v for k, v in f.metadata.items()
+                                                                   if k not in ("group", "source")})
+            plain.name, plain.type = f.name, f.type
+            HfArgumentParser._parse_dataclass_field(parser, plain)
+
+    parser = Parser(IrisConfig, allow_abbrev=False, add_help=False)
+    parser.add_argument("--config", default=None)
+    return parser
 
 
-def load_yaml_options(path: str) -> dict[str, Any]:
-    """Read a YAML file of options (keys with `_` or `-`); unknown keys are a `ConfigError`."""
+def format_help() -> str:
+    """`run_iris.py --help`: every option once, grouped, as `[default, its source; embedded: value]`."""
+    import textwrap
+
+    embedded = _read_yaml(EMBEDDED_CONFIG)
+    shipped = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    lines = ["usage: run_iris.py [--config FILE|NAME] [--option VALUE ...]", "",
+             "IRIS self-play fine-tuning (iris-ref). Without --model it runs the embedded offline default.",
+             "Each option ends with [default, where it comes from; embedded: the embedded default's value].", "",
+             "  --config FILE|NAME",
+             f"      YAML of options, or a shipped config ({shipped}); the command line overrides it."]
+    for group, title in HELP_GROUPS.items():
+        lines += ["", f"{title}:"]
+        for f in dataclasses.fields(IrisConfig):
+            if f.metadata["group"] != group:
+                continue
+            lines.append(f"  {_usage(f)}")
+            lines += [f"      {text}" for text in textwrap.wrap(f"{f.metadata['help']} {_default_note(f, embedded)}", 84, break_on_hyphens=False)]
+    return "\n".join(lines) + "\n"
+
+
+HELP_GROUPS = {"data": "What to train", "objective": "Objective", "optimisation": "Optimisation",
+               "generation": "Lengths and generation", "sft": "SFT warm-up", "run": "Run"}
+
+
+def _usage(f: dataclasses.Field) -> str:
+    import typing
+
+    hint = typing.get_type_hints(IrisConfig)[f.name]  # f.type may be a string or (after HfArgumentParser) a type
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    flag = _flag(f.name)
+    if hint is bool:
+        return f"{flag} / --no-{f.name.replace('_', '-')}" if f.default is True else flag
+    if args == [bool]:
+        return f"{flag} [true|false]"
+    if typing.get_origin(hint) is typing.Literal:
+        return f"{flag} {{{','.join(str(c) for c in args)}}}"
+    kind = (args[0] if args else hint).__name__.upper()
+    return f"{flag} {kind}"
+
+
+def _default_note(f: dataclasses.Field, embedded: dict[str, Any]) -> str:
+    default = "none" if f.default is None else {True: "on", False: "off"}.get(f.default, f.default) \
+        if isinstance(f.default, bool) else f.default
+    note = f"{default}, {f.metadata['source']}" if f.metadata["source"] and f.default is not None else \
+        (f.metadata["source"] or str(default))
+    if f.name in embedded and embedded[f.name] != f.default:
+        note += f"; embedded: {'none' if embedded[f.name] is None else embedded[f.name]}"
+    return f"[{note}]"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
@@ -340,22 +402,73 @@ def load_yaml_options(path: str) -> dict[str, Any]:
     return options
 
 
-def parse_config(argv: Optional[list[str]] = None) -> IrisConfig:
-    """Parse `--config file.yaml` plus command-line overrides; returns the resolved, validated config."""
+def config_file(name: str) -> Path:
+    """A YAML file as given, else the shipped config of that name: `qwen2.5-3b`, and also
+    `configs/qwen2.5-3b.yaml` from a folder that has no such file (an installed package)."""
+    path = Path(name).expanduser()
+    shipped = SHIPPED_CONFIGS / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    return path if path.exists() or not shipped.exists() else shipped
+
+
+def given_options(argv: list[str]) -> dict[str, Any]:
+    """The options the user gave: the --config file's, overridden by the command line's."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
-    if known.config:
-        parser.set_defaults(**load_yaml_options(known.config))
-    config, _namespace, remaining = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True, look_for_args_file=False
-    )
+    # Every default becomes a sentinel, so what parsing returns is what the user typed.
+    parser.set_defaults(**{action.dest: _UNSET for action in parser._actions if action.dest != "help"})
+    namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         raise ConfigError(f"unrecognized arguments: {' '.join(remaining)}")
+    options = _read_yaml(config_file(known.config)) if known.config else {}
+    options.update({k: v for k, v in vars(namespace).items() if v is not _UNSET and k != "config"})
+    return options
+
+
+def parse_config(argv: Optional[list[str]] = None) -> IrisConfig:
+    """The resolved, validated config of a command line (see the module docstring)."""
+    options = given_options(list(argv or []))
+    if options.get("resume") and options.get("overwrite"):
+        raise ConfigError("--resume and --overwrite contradict each other")
+    if options.get("resume"):
+        return resume_config(options)
+    layers = {} if options.get("model") is not None else _read_yaml(EMBEDDED_CONFIG)
+    try:
+        config = IrisConfig(**{**layers, **options})
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
     resolved = config.resolve()
     resolved.validate()
     return resolved
+
+
+def resume_config(options: dict[str, Any]) -> IrisConfig:
+    """The saved config of the run in `--output-dir`, plus the resumable options given now."""
+    from iris_ref import rundir
+
+    if options.get("output_dir") is None:
+        raise ConfigError("--resume needs --output-dir: the folder of the run to continue")
+    run_dir = Path(options["output_dir"]).expanduser().resolve()
+    saved = rundir.read_saved_config(run_dir)  # ConfigError when no run is there
+    disagreements = []
+    for name, value in options.items():
+        if name in RESUMABLE_CHANGES:
+            continue
+        given = absolute_if_local(value) if name in PATH_OPTIONS and isinstance(value, str) else value
+        if saved.get(name) != given:
+            disagreements.append(f"{_flag(name)} {value!r} (the run has {saved.get(name)!r})")
+    if disagreements:
+        raise ConfigError(
+            f"--resume: the run in {run_dir} was started with other values of {'; '.join(disagreements)}; drop "
+            "these options to continue it as it was started (only how and where it runs, and --iters, may change)")
+    values = {**saved, **{k: v for k, v in options.items() if k in RESUMABLE_CHANGES}}
+    values.update(output_dir=str(run_dir), resume=True, overwrite=False)
+    if values["device"] == "auto":
+        values["device"] = "cuda" if _cuda_available() else "cpu"
+    config = config_from_dict(values)
+    config.validate()
+    return config
 
 
 def config_from_dict(values: dict[str, Any]) -> IrisConfig:
@@ -365,14 +478,6 @@ def config_from_dict(values: dict[str, Any]) -> IrisConfig:
     if unknown:
         raise ConfigError(f"unknown options in saved config: {', '.join(unknown)}")
     return IrisConfig(**values)
-
-
-def save_config(config: IrisConfig, path: Path, versions: dict[str, Any]) -> None:
-    """Write the resolved config plus software versions as JSON, atomically."""
-    payload = {"config": config.training_dict(), "versions": versions}
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def collect_versions() -> dict[str, Any]:
@@ -395,10 +500,10 @@ def collect_versions() -> dict[str, Any]:
                 commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "iris_ref_commit": commit,
-        "cuda": torch.version.cuda,
-    }
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "iris_ref_commit": commit, "cuda": torch.version.cuda}
+
+
+def saved_payload(config: IrisConfig) -> str:
+    """The text of config.json: the resolved config and the software versions."""
+    return json.dumps({"config": config.to_dict(), "versions": collect_versions()}, indent=2, sort_keys=True) + "\n"

@@ -1,39 +1,30 @@
-"""Data parallelism for the IRIS trainer: DDP by default, FSDP2 on request, one process otherwise.
+"""Data parallelism: DDP by default, FSDP2 on request, one process otherwise; and the few
+collectives the rest of the code uses. Nothing here knows about self-play.
 
-What the self-play driver calls, in order (every rank runs the same code; see
-docs/training_and_scaling.md for the launch commands):
+1. `init_distributed()` once at start-up. Under `torchrun` (`WORLD_SIZE` > 1) it creates the
+   process group: `nccl` with CUDA (pinning the local GPU), `gloo` on CPU. Without `torchrun`
+   it does nothing and reports rank 0 of 1.
+2. `prepare_model(model, strategy)` after the model is on its device: `"auto"` (DDP when
+   world > 1, plain otherwise), `"ddp"`, `"fsdp"` (FSDP2: `fully_shard` on every decoder
+   layer, then on the Hugging Face model as root) or `"none"`. The returned module's
+   `forward(input_ids, attention_mask, response_mask)` gives the sequence log-probs of the
+   response tokens; `unwrap_model(policy)` gives the Hugging Face model back.
+3. `full_model_state_dict` / `load_full_model_state_dict` and the optimizer equivalents move
+   full (unsharded) states in and out (checkpoints and trainer states use them).
+4. `is_main_process()`, `barrier()`, `broadcast_object`, `all_gather_1d`,
+   `all_gather_objects`, `all_reduce_sum/max` move small things between ranks.
+5. `teardown_distributed()` at exit.
 
-1. ``info = init_distributed()`` once at start-up. Under ``torchrun`` (``WORLD_SIZE`` > 1) it
-   creates the process group: ``nccl`` when CUDA is available (and pins the local GPU),
-   ``gloo`` on CPU. Without ``torchrun`` it does nothing and reports rank 0 of 1.
-2. ``policy = prepare_model(model, strategy=..., chunk_size=...)`` once per run, after the
-   model is on its device. ``strategy``: ``"auto"`` (DDP when world > 1, plain otherwise),
-   ``"ddp"``, ``"fsdp"`` (FSDP2: ``fully_shard`` on every decoder layer, then on the Hugging
-   Face model as root) or ``"none"``. The returned module's ``forward(input_ids, attention_mask, response_mask)``
-   gives the sequence log-probs of the response tokens; pass it to
-   ``trainer.train_iteration`` and ``trainer.compute_logprobs`` for every iteration (FSDP
-   changes the parameters in place, so wrap once and keep the wrapper).
-   ``unwrap_model(policy)`` gives the Hugging Face model back (config, generation).
-3. ``save_full_checkpoint(policy, path, tokenizer=...)`` on EVERY rank (FSDP gathers the
-   shards collectively); rank 0 alone writes one full Hugging Face folder, atomically.
-4. ``is_main_process()`` guards file writes and printing; ``barrier()``,
-   ``broadcast_object(obj)`` and ``all_gather_1d(tensor)`` move small things between ranks;
-   ``shard_range(n)`` gives this rank's contiguous share of n items (generation splitting).
-5. ``teardown_distributed()`` at exit.
-
-Gradient semantics: both DDP and FSDP2 *average* gradients over ranks. The trainer's
-per-rank surrogate is scaled by the world size so that the averaged gradient is exactly the
-gradient of the objective over the whole global batch (THEORY.md I3).
+Gradient semantics: DDP and FSDP2 both *average* gradients over ranks; the trainer scales
+each rank's contribution by the world size, so the averaged gradient is exactly the gradient
+of the objective over the whole global batch (THEORY.md I3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -330,7 +321,17 @@ def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
                 state[name] = state[first_name[id(param)]]
             first_name.setdefault(id(param), name)
         return state
-    return {k: v.detach().to("cpu") for k, v in hf_model.state_dict().items()}
+    # One CPU copy per tensor: tied weights (input/output embeddings) stay ONE tensor, which is
+    # how save_pretrained recognises the tie (a GPU model's .to("cpu") would copy each name).
+    copies: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, tensor in hf_model.state_dict(keep_vars=False).items():
+        key = (id(tensor),) if tensor.device.type == "meta" else \
+            (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu")
+        state[name] = copies[key]
+    return state
 
 
 def load_full_model_state_dict(policy: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -374,63 +375,3 @@ def load_optimizer_state_dict(policy: nn.Module, optimizer: torch.optim.Optimize
         )
         return
     optimizer.load_state_dict(state)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file under ``root`` and the directories themselves."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``: readers see the old or the new one.
-
-    An existing ``final_dir`` is first renamed aside and removed after the new one is in
-    place, so a crash leaves either the complete old folder or the complete new one (plus,
-    at worst, a stale ``*.old`` folder that nothing reads).
-    """
-    fsync_tree(tmp_dir)
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    parent_fd = os.open(final_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(parent_fd)
-    finally:
-        os.close(parent_fd)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def save_full_checkpoint(policy: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path | None:
-    """Save the model as ONE full Hugging Face folder (safetensors), written by rank 0 only.
-
-    Call on every rank (FSDP gathers its shards collectively). The folder appears
-    atomically: written under a temporary name beside ``path``, fsynced, then renamed.
-    Returns the path on rank 0, None elsewhere. Ends with a barrier so no rank reads the
-    folder before it exists.
-    """
-    state = full_model_state_dict(policy)
-    path = Path(path)
-    result = None
-    if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        unwrap_model(policy).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        atomic_replace_dir(tmp, path)
-        result = path
-    barrier()
-    return result

@@ -234,21 +234,31 @@ def spin_loss(
     beta: float = 0.1,
     pair_weights: Optional[Tensor] = None,
 ) -> ObjectiveOutput:
-    """SPIN (Chen et al., ICML 2024): L = Σ_i π_i·softplus(−(r_i − r'_i)) over pairs of one prompt.
+    """SPIN (Chen et al., ICML 2024): L = Σ π·softplus(−(r_i − r'_ik)) over the pairs of a prompt.
 
-    β is SPIN's λ. a_i = b_i = π_i·σ(r'_i − r_i). Invariant to adding a constant per pair.
+    β is SPIN's λ. With one synthetic response per prompt the pairs are (i, i) and
+    a_i = b_i = π_i·σ(r'_i − r_i). With K per prompt (synthetic length K·N, prompt-major: prompt
+    i's responses at i·K .. i·K+K−1) every (annotated, synthetic) pair of a prompt is a term,
+    π is over the N·K pairs, b_ik = π_ik·σ(r'_ik − r_i) and a_i = Σ_k b_ik. Invariant to adding
+    a constant per prompt.
     """
-    beta, r, rs, log_pi, _ = _rewards_and_log_weights(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps, beta, pair_weights, None, "pair_weights")
-    if r.shape != rs.shape:
+    n_real, n_synthetic = policy_real_logps.numel(), policy_synthetic_logps.numel()
+    if n_real == 0 or n_synthetic % n_real:
         raise ValueError(
-            f"spin_loss pairs annotated and synthetic responses of the same prompt: lengths differ ({r.numel()} vs {rs.numel()})"
-        )
-    pi = torch.exp(log_pi)
-    margin = r - rs
+            f"spin_loss pairs annotated and synthetic responses of the same prompt: lengths differ ({n_real} vs "
+            f"{n_synthetic}); the synthetic length must be K times the annotated one")
+    k = n_synthetic // n_real
+    beta = _check_positive(beta, "beta")
+    dtype = _compute_dtype(policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps)
+    r = _rewards(policy_real_logps, opponent_real_logps, beta, dtype, "real")
+    rs = _rewards(policy_synthetic_logps, opponent_synthetic_logps, beta, dtype, "synthetic")
+    pi = torch.exp(_normalised_log_weights(pair_weights, n_synthetic, rs, "pair_weights"))
+    margin = r.repeat_interleave(k) - rs
     loss = (pi * _softplus(-margin)).sum()
     with torch.no_grad():
-        a = pi * torch.sigmoid(-margin)
-    return ObjectiveOutput(loss, a, a.clone(), r.detach(), rs.detach())
+        b = pi * torch.sigmoid(-margin)
+        a = b.view(n_real, k).sum(dim=1)
+    return ObjectiveOutput(loss, a, b, r.detach(), rs.detach())
 
 
 def space_loss(

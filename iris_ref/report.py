@@ -37,14 +37,33 @@ def _cell(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def format_table(iterations: list[dict[str, Any]]) -> str:
-    """Fixed-width table of the per-iteration summary entries (missing values shown as `-`)."""
-    rows = [[header for header, _, _ in TABLE_COLUMNS]]
-    for entry in iterations:
-        rows.append([_cell(entry.get(key), fmt) for _, key, fmt in TABLE_COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+HELDOUT_KEYS = ("heldout_accuracy", "heldout_sampled_accuracy", "heldout_answer_tv", "heldout_nll")
+
+
+def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The columns that have something to show: no alpha for other losses, no empty held-out ones."""
+    entries = summary["iterations"]
+    columns = []
+    for header, key, fmt in TABLE_COLUMNS:
+        if key == "alpha" and summary.get("loss", "iris") != "iris":
+            continue
+        if key in HELDOUT_KEYS and not any(e.get(key) is not None for e in entries):
+            continue
+        columns.append((header, key, fmt))
+    return columns
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Fixed-width table of a run's summary (missing values shown as `-`)."""
+    columns = _columns(summary)
+    rows = [[header for header, _, _ in columns]]
+    for entry in summary["iterations"]:
+        rows.append([_cell(entry.get(key), fmt) for _, key, fmt in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    if not summary.get("has_heldout", True):
+        lines.append("(no held-out data: pass --eval-dataset to evaluate each iteration)")
     return "\n".join(lines)
 
 
@@ -60,6 +79,12 @@ def read_step_metrics(run_dir: Path, iterations: list[dict[str, Any]]) -> dict[i
             with open(path, encoding="utf-8") as handle:
                 steps[t] = [json.loads(line) for line in handle if line.strip()]
     return steps
+
+
+def _legend(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if len(handles) > 1:  # matplotlib warns about a legend without labelled artists
+        ax.legend(fontsize=8)
 
 
 def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: Optional[Path] = None) -> Path:
@@ -78,7 +103,7 @@ def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: 
     path = Path(path) if path is not None else run_dir / "report.png"
 
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
-    fig.suptitle(f"IRIS self-play: {summary.get('title', run_dir.name)}")
+    fig.suptitle(f"self-play: {summary.get('title', run_dir.name)}")
 
     # Per-step curves: the x axis is the global optimizer step, iteration boundaries dashed.
     def step_series(key: str):
@@ -103,8 +128,7 @@ def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: 
             ax.axvline(b + 0.5, color="grey", ls="--", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("optimizer step (dashed: new iteration)")
-        if len(keys_labels) > 1:
-            ax.legend(fontsize=8)
+        _legend(ax)
 
     draw_steps(axes[0, 0], [("loss", "loss")], "training loss")
     draw_steps(axes[0, 1], [("rewards/real", "real"), ("rewards/synthetic", "synthetic")], "rewards (beta * log-ratio)")
@@ -114,19 +138,26 @@ def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: 
     its = [e["iteration"] for e in iterations]
 
     def per_iter(ax, keys_labels, title, skip_start=False):
+        pts_any = [False]
         for key, label in keys_labels:
             pts = [(e["iteration"], e.get(key)) for e in iterations if e.get(key) is not None]
             if skip_start:
                 pts = [p for p in pts if p[0] > 0]
             if pts:
+                pts_any[0] = True
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         ax.set_title(title)
         ax.set_xlabel("iteration (0 = starting model)")
         ax.set_xticks(its)
-        if len(keys_labels) > 1:
-            ax.legend(fontsize=8)
+        if not pts_any[0] and keys_labels[0][0].startswith("heldout"):
+            ax.text(0.5, 0.5, "no held-out data\n(--eval-dataset)", ha="center", va="center", transform=ax.transAxes)
+        _legend(ax)
 
-    per_iter(axes[1, 0], [("alpha", "alpha")], "order alpha_t", skip_start=True)
+    if summary.get("loss", "iris") == "iris":
+        per_iter(axes[1, 0], [("alpha", "alpha")], "order alpha_t", skip_start=True)
+    else:
+        axes[1, 0].set_axis_off()
+        axes[1, 0].text(0.5, 0.5, f"no order alpha: loss {summary.get('loss')}", ha="center", va="center")
     per_iter(axes[1, 1], [("gap", "gap")], "gap (opponent scores)", skip_start=True)
     per_iter(axes[1, 2], [("heldout_nll", "NLL / token")], "held-out NLL of annotated responses")
     per_iter(

@@ -1,46 +1,46 @@
-"""The self-play driver: T iterations of DESIGN.md "One iteration", with checkpoints and resume.
+"""Self-play fine-tuning with IRIS, as it runs: read `self_play_iteration` first.
 
-Run directory (`config.output_dir`):
+    run_iris.py → selfplay.run → self_play_iteration → trainer.train → objectives.iris_loss
 
-    config.json                  resolved config + software versions
-    iter_0/                      the starting model θ_0
-        checkpoint/              embedded default: the SFT warm-up result (given --model: none,
-                                 `source.json` names the model)
-        metrics.jsonl            embedded default: SFT warm-up steps
-        eval.json, COMPLETE
-    iter_<t>/  (t = 1..T)        iteration t: opponent θ_{t-1} -> policy θ_t
-        synthetic.jsonl          TRL-style {"prompt", "chosen", "rejected"} (chosen = annotated)
-        opponent_logps.pt        opponent log-probs + SHA-256 of the opponent's weights
-        trainer_state/           mid-iteration trainer state (removed when the iteration completes)
-        metrics.jsonl            one record per optimizer step
-        train_summary.json       what `trainer.train_iteration` returned + iteration facts
-        checkpoint/              θ_t, `save_pretrained` (safetensors + tokenizer), written atomically
-        eval.json                held-out evaluation of θ_t
-        COMPLETE                 written last: the iteration is never redone
-    summary.json, report.png
+θ_0 is the SFT model (the given one, or the result of the SFT warm-up). Iteration t:
 
-The opponent of iteration t is always the model of iteration t-1 (its weights' hash is stored
-with the opponent log-probs, and checked on resume). Only one model is in memory: the opponent
-enters the objective only through its precomputed log-probs, and training starts from it.
+    prompts → synthetic = generate(θ_{t-1}) → opponent log-probs → α_t from the gap → train θ_t → save
+
+Choices, and why:
+
+- The opponent of iteration t is θ_{t-1} as saved on disk (`iter_{t-1}/checkpoint`, or the
+  given model), identified by the SHA-256 of its weights, never by a path.
+- Generation runs from that checkpoint while no other model is in memory, so vLLM gets the
+  GPU to itself; afterwards the policy is loaded from the same checkpoint, and is the
+  opponent until its first update (rewards are exactly 0 at the first step).
+- Only one model is resident while training: the opponent enters the objective through its
+  log-probs of both response sets, computed once per iteration and saved.
+- Synthetic responses are scored exactly as they were sampled (their token ids, including the
+  stop token the opponent emitted), never decoded and re-tokenised.
+- Every step goes through `files.reuse_or_make`: a killed run, resumed, reuses whatever a
+  step already finished (synthetic responses, opponent log-probs, the trainer's state), and
+  an iteration marked COMPLETE is never redone.
+- File writes and barriers live in `files`/`rundir`; ranks split work inside `generation`,
+  `logprobs` and `trainer`. The algorithm below has no rank logic.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import shutil
-import sys
+import contextlib
+import functools
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
-from iris_ref import distributed as dist_utils
-from iris_ref.config import RESUMABLE_CHANGES, ConfigError, IrisConfig, collect_versions, config_from_dict, save_config
+from iris_ref import data as data_lib
+from iris_ref import distributed, files, models, rundir, trainer
+from iris_ref.config import IrisConfig
+from iris_ref.metrics import MetricsLog
+from iris_ref.objectives import get_objective
+from iris_ref.schedule import AlphaSchedule, per_token_scores
 
 
 class InputError(ValueError):
@@ -51,250 +51,398 @@ class TrainingFailure(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is intact (exit 1)."""
 
 
-# Hidden test hook: "T:K" makes the process exit abruptly (os._exit) after optimizer step K of
-# iteration T, as a crash would, so the resume test can kill a run mid-iteration.
-CRASH_ENV = "IRIS_REF_CRASH_AFTER_STEP"
-
-
 def log(message: str) -> None:
-    if dist_utils.is_main_process():
-        print(message, flush=True)
+    if distributed.is_main_process():
+        print(f"[iris] {message}", flush=True)
+
+
+@dataclass
+class Run:
+    """What every iteration needs, set up (and checked) once."""
+
+    config: IrisConfig
+    dir: Path
+    device: torch.device
+    tokenizer: object
+    examples: list          # data.Example per prompt
+    encoded: list           # data.EncodedSequence of each annotated response
+    heldout: list           # data.Example of the held-out data (may be empty)
+    schedule: AlphaSchedule
 
 
 # ----------------------------------------------------------------------------------------
-# small file helpers (atomic writes: temp name, then os.replace)
+# the algorithm
 # ----------------------------------------------------------------------------------------
-def write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def run(config: IrisConfig) -> Optional[dict]:
+    """Run (or resume) self-play; returns the summary also written to `summary.json` (None for a dry run).
 
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's weights: names, dtypes, shapes and bytes, in name order.
-
-    Identifies the opponent by content, never by path (the same path is reused across runs).
+    Raises InputError for bad input (before anything is written) and TrainingFailure when the
+    run must stop.
     """
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    with _torch_threads(config.threads):
+        session = setup(config)
+        if session is None:  # --dry-run
+            return None
+        start_model(session)
+        for t in range(1, config.iters + 1):
+            self_play_iteration(session, t)
+        return finish(session)
 
 
-def _state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
-    class _Holder(torch.nn.Module):
-        def state_dict(self, *args, **kwargs):  # noqa: D401 - mimic nn.Module
-            return state
-
-    return weights_sha256(_Holder())
-
-
-# ----------------------------------------------------------------------------------------
-# checks before heavy work
-# ----------------------------------------------------------------------------------------
-def check_model_source(model: str, trust_remote_code: bool = False) -> None:
-    """Raise InputError unless `model` is a local HF folder or a hub id resolvable now (cheap:
-    only the config is fetched, or found in the offline cache)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise InputError(f"model folder {model} has no config.json (not a Hugging Face model folder)")
+def self_play_iteration(run: Run, t: int) -> None:
+    """Iteration t: the opponent θ_{t-1} writes K responses per prompt; θ_t learns to tell the
+    annotated responses from them. Every step reuses its artefact if a killed run made it."""
+    it = rundir.iteration(run.dir, t)
+    if it.complete:
         return
-    if path.exists():
-        raise InputError(f"model path {model} is a file, not a Hugging Face model folder")
-    from transformers import AutoConfig
+    config, opponent = run.config, model_path(run, t - 1)
+    started = time.time()
 
-    try:
-        AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot resolve the model"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"unknown model {model!r}: no such local folder, and the hub lookup failed ({reason[:160]})"
-        ) from None
+    # 1. synthetic responses from the opponent, saved TRL-style (prompt / chosen / rejected)
+    rows = files.reuse_or_make(
+        it.path / "synthetic.jsonl", lambda: generate_synthetic(run, opponent, seed=config.seed * 1000 + t),
+        save=files.write_jsonl, load=files.read_jsonl, valid=functools.partial(_same_prompts, run), log=log)
+    data, skipped = encode_synthetic(run, rows)
+    generation_seconds = time.time() - started
 
+    # 2. the opponent's log-probs of both response sets, once; the policy starts as the opponent
+    policy = load_policy(run, opponent)
+    opponent_sha = models.weights_sha256(policy)
+    logps = files.reuse_or_make(
+        it.path / "opponent_logps.pt", lambda: opponent_logprobs(run, policy, data, opponent_sha),
+        save=files.save_tensors, load=files.load_tensors,
+        valid=lambda saved: saved["opponent_sha256"] == opponent_sha and saved["real"].numel() == len(data.real), log=log)
+    data = replace(data, opponent_real=logps["real"], opponent_synthetic=logps["synthetic"])
 
-def _resolve_run_dir(config: IrisConfig) -> tuple[IrisConfig, Path]:
-    """Create or reopen the run directory; on --resume the saved config must agree (options in
-    RESUMABLE_CHANGES may differ). Decided on rank 0 and broadcast, so every rank agrees."""
-    run_dir = Path(config.output_dir)
-    verdict = None
-    if dist_utils.is_main_process():
-        verdict = _run_dir_verdict(config, run_dir)
-    verdict = dist_utils.broadcast_object(verdict)
-    if verdict[0] == "error":
-        raise InputError(verdict[1])
-    if verdict[0] == "overwrite":
-        if dist_utils.is_main_process():
-            shutil.rmtree(run_dir)
-        dist_utils.barrier()
-    return config, run_dir
+    # 3. α_t from the gap between the opponent's scores of annotated and synthetic responses
+    gaps = previous_gaps(run, t) + [measure_gap(run, data, logps)]
+    alpha = run.schedule.alpha_for(t - 1, gaps)
+    warning = run.schedule.gap_warning(gaps)
+    log(f"iteration {t}: opponent {opponent} (sha256 {opponent_sha[:12]}), gap {gaps[-1]:.4f}"
+        + (f", alpha {alpha:.3f}" if config.loss == "iris" else "") + (f"; warning: {warning}" if warning else ""))
 
+    # 4. train θ_t from θ_{t-1}
+    objective = make_objective(config, alpha)
+    fingerprint = {"loss": config.loss, "alpha": alpha if config.loss == "iris" else None, "beta": config.beta}
+    result = train(run, policy, data, objective, it, epochs=config.epochs, learning_rate=config.learning_rate,
+                   desc=f"iteration {t} training", fingerprint=fingerprint)
 
-def _run_dir_verdict(config: IrisConfig, run_dir: Path) -> tuple[str, str]:
-    saved = run_dir / "config.json"
-    if not (run_dir.exists() and any(run_dir.iterdir())):
-        return ("fresh", "")
-    if config.overwrite:
-        return ("overwrite", "")
-    if not config.resume:
-        return ("error", f"output dir {run_dir} already holds a run; pass --resume to continue it or --overwrite")
-    if not saved.exists():
-        return ("error", f"--resume: {run_dir} holds no config.json, so it is not an iris-ref run")
-    try:
-        old = config_from_dict(json.loads(saved.read_text(encoding="utf-8"))["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        return ("error", f"--resume: cannot read {saved}: {_one_line(exc)}")
-    changed = [
-        f.name for f in dataclasses.fields(IrisConfig)
-        if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(config, f.name)
-    ]
-    if changed:
-        name = changed[0]
-        return ("error", f"--resume with changed option --{name.replace('_', '-')} "
-                         f"(run has {getattr(old, name)!r}, given {getattr(config, name)!r}); use a new --output-dir")
-    return ("resume", "")
+    # 5. save θ_t, evaluate it, mark the iteration complete
+    save_policy(run, policy, data, it.checkpoint, phase=f"iteration {t}")
+    files.write_json(it.path / "train_summary.json", {
+        **result, "iteration": t, "alpha": alpha if config.loss == "iris" else None, "gap": gaps[-1], "gaps": gaps,
+        "gap_warning": warning, "opponent_sha256": opponent_sha, "skipped_prompts": skipped,
+        "generation_seconds": generation_seconds, "train_seconds": time.time() - started - generation_seconds})
+    files.write_json(it.path / "eval.json", evaluate(run, policy))
+    it.mark_complete()
 
 
-# ----------------------------------------------------------------------------------------
-# models and data
-# ----------------------------------------------------------------------------------------
-def _device(config: IrisConfig, info) -> torch.device:
-    if str(config.device).startswith("cuda"):
-        return info.device if info.world_size > 1 else torch.device(config.device)
-    return torch.device("cpu")
-
-
-def load_model(path: str | Path, config: IrisConfig, device: torch.device):
-    """A causal LM in fp32 master weights (bf16 is autocast in the trainer), safetensors only."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, trust_remote_code=config.trust_remote_code, use_safetensors=True
-    )
-    return model.to(device)
-
-
-def load_tokenizer(config: IrisConfig):
-    if config.embedded:
-        from iris_ref import tiny
-
-        tokenizer = tiny.build_tiny_tokenizer()
+def start_model(run: Run) -> None:
+    """θ_0 (iter_0): the SFT warm-up's result, or the given model as it is."""
+    it = rundir.iteration(run.dir, 0)
+    if it.complete:
+        return
+    config = run.config
+    if config.sft_epochs > 0 or config.embedded:
+        policy = sft_warmup(run, it)
     else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"the tokenizer of {config.model} has no chat template; self-play needs one")
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked out everywhere; eos is a safe filler.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        files.write_json(it.path / "source.json", {"model": config.model})
+        policy = load_policy(run, model_path(run, 0))
+    files.write_json(it.path / "eval.json", evaluate(run, policy))
+    it.mark_complete()
 
 
-def _data_source(config: IrisConfig) -> str:
-    if config.dataset is not None:
-        return config.dataset
-    from iris_ref import tiny
+def sft_warmup(run: Run, it: rundir.IterationDir):
+    """Supervised fine-tuning on the annotated responses, saved as iter_0/checkpoint.
 
-    return str(tiny.TOY_TRAIN_PATH)
+    With `--sft-patience` it stops when the held-out NLL has not improved for that many
+    epochs and keeps the best epoch's model (the converged SFT start that self-play claims
+    its gains from); otherwise it trains `--sft-epochs` and keeps the last.
+    """
+    config = run.config
+    policy = models.new_tiny_policy(run.tokenizer, seed=config.seed, device=run.device, parallel=config.parallel) \
+        if config.embedded else load_policy(run, config.model)
+    data = trainer.TrainingData(real=run.encoded)
+    log(f"SFT warm-up: up to {config.sft_epochs} epochs on {len(run.encoded)} annotated responses")
+    if config.sft_patience is None:
+        result = train(run, policy, data, None, it, epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                       desc="SFT warm-up", fingerprint={"loss": "sft"})
+        save_policy(run, policy, data, it.checkpoint, phase="SFT warm-up")
+        files.write_json(it.path / "train_summary.json", result)
+        return policy
+    steps_per_epoch = len(run.encoded) // config.global_batch_size
+    history = it.read("sft_epochs.json") or []
+    best = min(history, key=lambda e: e["heldout_nll"]) if history else None
+    for epoch in range(len(history) + 1, config.sft_epochs + 1):
+        if best is not None and epoch - 1 - best["epoch"] >= config.sft_patience:
+            break
+        result = train(run, policy, data, None, it, epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                       max_steps=epoch * steps_per_epoch, desc=f"SFT warm-up, epoch {epoch}", fingerprint={"loss": "sft"})
+        nll = heldout_nll(run, policy)
+        history.append({"epoch": epoch, "heldout_nll": nll, "train_loss": result.get("loss")})
+        if best is None or nll < best["heldout_nll"]:
+            best = history[-1]
+            save_policy(run, policy, data, it.checkpoint, phase=f"SFT warm-up, epoch {epoch}")
+        files.write_json(it.path / "sft_epochs.json", history)
+        log(f"SFT warm-up epoch {epoch}: held-out NLL {nll:.4f} (best {best['heldout_nll']:.4f} at epoch {best['epoch']})")
+    files.write_json(it.path / "train_summary.json", {"sft_epochs": history, "best_epoch": best["epoch"]})
+    return load_policy(run, it.checkpoint)
 
 
-def _eval_source(config: IrisConfig) -> Optional[str]:
-    if config.eval_dataset is not None:
-        return config.eval_dataset
-    if config.dataset is None:  # the toy task
-        from iris_ref import tiny
+# ----------------------------------------------------------------------------------------
+# the steps
+# ----------------------------------------------------------------------------------------
+def generate_synthetic(run: Run, opponent, *, seed: int) -> list[dict]:
+    """K responses per prompt from the opponent's checkpoint, one TRL-style row each (prompt-major)."""
+    from iris_ref import generation
 
-        return str(tiny.TOY_HELDOUT_PATH)
-    return None
+    config = run.config
+    outputs = generation.generate(
+        str(opponent), run.tokenizer, [ex.prompt_messages for ex in run.examples], num_responses=config.num_synthetic,
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=seed,
+        batch_size=config.generation_batch_size, backend=config.generator, device=str(run.device),
+        gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_length,
+        desc="generation")
+    return [{"prompt": ex.prompt_messages,
+             "chosen": [{"role": "assistant", "content": ex.response}],
+             "rejected": [{"role": "assistant", "content": out.text}],
+             "rejected_token_ids": list(out.token_ids),   # exactly what the opponent sampled
+             "rejected_finished": out.finished,           # False: cut at max_new_tokens
+             "sample_index": k}
+            for ex, responses in zip(run.examples, outputs) for k, out in enumerate(responses)]
 
 
-def uses_toy_task(heldout) -> bool:
-    """True when every held-out prompt is a toy-task prompt, whose answers can be checked
-    exactly (the shipped toy data, or any file of the same task)."""
-    from iris_ref import tiny
+def encode_synthetic(run: Run, rows: list[dict]) -> tuple[trainer.TrainingData, int]:
+    """Training sequences: each prompt's annotated response and its K sampled ones, token for
+    token. A prompt with an empty sampled response is left out of this iteration (counted)."""
+    config, K = run.config, run.config.num_synthetic
+    real, synthetic, skipped = [], [], 0
+    for i, seq in enumerate(run.encoded):
+        sampled = [data_lib.encode_generated(run.tokenizer, row["prompt"], row["rejected_token_ids"], config.max_length,
+                                             config.max_prompt_length) for row in rows[i * K:(i + 1) * K]]
+        if any(s is None or len(s.input_ids) <= s.prompt_length for s in sampled):
+            skipped += 1
+            continue
+        real.append(seq)
+        synthetic.extend(sampled)
+    if skipped:
+        log(f"{skipped} prompts left out of this iteration: a sampled response had no tokens")
+    if len(real) < config.global_batch_size:
+        raise InputError(f"only {len(real)} prompts have usable synthetic responses, fewer than --global-batch-size "
+                         f"{config.global_batch_size}")
+    return trainer.TrainingData(real=real, synthetic=synthetic), skipped
 
-    if not heldout:
-        return False
-    for example in heldout:
-        text = "\n".join(m["content"] for m in example.prompt_messages if m["role"] == "user")
-        try:
-            tiny.toy_valid_answers(text)
-        except ValueError:
-            return False
-    return True
+
+def opponent_logprobs(run: Run, policy, data: trainer.TrainingData, opponent_sha: str) -> dict:
+    """The opponent's log-probs of the annotated and the synthetic responses, with its weights' hash."""
+    config = run.config
+    budget = config.micro_batch_size * (1 + config.num_synthetic) * config.max_length * 2  # no activations kept
+    scores = _score(run, policy, list(data.real) + list(data.synthetic), budget, desc="opponent log-probs")
+    n = len(data.real)
+    return {"opponent_sha256": opponent_sha, "real": scores[:n], "synthetic": scores[n:],
+            "real_lengths": torch.tensor([len(s.input_ids) - s.prompt_length for s in data.real]),
+            "synthetic_lengths": torch.tensor([len(s.input_ids) - s.prompt_length for s in data.synthetic])}
+
+
+def measure_gap(run: Run, data: trainer.TrainingData, logps: dict) -> float:
+    """The schedule's gap from the opponent's per-token scores of both response sets (THEORY.md §4)."""
+    real = per_token_scores(logps["real"].numpy(), logps["real_lengths"].numpy())
+    synthetic = per_token_scores(logps["synthetic"].numpy(), logps["synthetic_lengths"].numpy())
+    return run.schedule.measure_gap(real, synthetic)
+
+
+def make_objective(config: IrisConfig, alpha: float):
+    """The loss of `--loss` with its constants bound: a pure function of four log-prob vectors."""
+    constants = {"iris": {"alpha": alpha, "beta": config.beta}, "spin": {"beta": config.beta},
+                 "space": {"mu": config.mu, "beta": config.beta},
+                 "spif": {"beta": config.beta, "reward_bound": config.reward_bound}}[config.loss]
+    return functools.partial(get_objective(config.loss), **constants)
+
+
+def train(run: Run, policy, data, objective, it: rundir.IterationDir, **kwargs) -> dict:
+    """`trainer.train` with this run's options, metrics log and trainer state."""
+    metrics = MetricsLog(it.path / "metrics.jsonl", it.t, step_offset=_steps_before(run, it.t),
+                         tensorboard_dir=run.dir / "tensorboard" if run.config.report_to == "tensorboard" else None)
+    try:
+        result = trainer.train(policy, data, objective, run.config, pad_token_id=run.tokenizer.pad_token_id,
+                               state_dir=it.trainer_state, log=metrics, **kwargs)
+    except trainer.NonFiniteLossError as exc:
+        raise TrainingFailure(f"{kwargs.get('desc', 'training')}: {exc}") from None
+    finally:
+        metrics.finish()
+    return result
+
+
+def save_policy(run: Run, policy, data: trainer.TrainingData, path: Path, *, phase: str) -> None:
+    """Save a checkpoint, unless the last update made the model non-finite (then the previous
+    checkpoint stays the last good one)."""
+    try:
+        models.check_finite(policy, phase)
+    except ValueError as exc:
+        raise TrainingFailure(str(exc)) from None
+    probe = _score(run, policy, list(data.real[: run.config.micro_batch_size]), token_budget=10**9)
+    if not torch.isfinite(probe).all():
+        raise TrainingFailure(f"{phase}: non-finite log-probs after the last optimizer step; not saved, the previous "
+                              "checkpoint is intact (lower the learning rate)")
+    models.save_checkpoint(policy, path, run.tokenizer)
+
+
+def evaluate(run: Run, policy) -> dict:
+    from iris_ref import evaluation
+
+    return evaluation.evaluate(policy, run.tokenizer, run.heldout, run.config) if run.heldout else {}
+
+
+def heldout_nll(run: Run, policy) -> float:
+    from iris_ref import evaluation
+
+    return evaluation.heldout_nll(policy, run.tokenizer, run.heldout, run.config)
+
+
+# ----------------------------------------------------------------------------------------
+# plumbing: set-up, models on disk, resume history, the summary
+# ----------------------------------------------------------------------------------------
+def setup(config: IrisConfig) -> Optional[Run]:
+    """Check the output folder, the model, the tokenizer and the data (nothing is written until
+    all of it is fine), then create the run folder. None for --dry-run, after printing the plan."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the log
+    info = distributed.init_distributed("cpu" if config.device == "cpu" else None)
+    device = (info.device if info.world_size > 1 else torch.device(config.device)) \
+        if str(config.device).startswith("cuda") else torch.device("cpu")
+    try:
+        verdict = rundir.check_output_dir(Path(config.output_dir), resume=config.resume, overwrite=config.overwrite)
+        if not config.embedded:
+            models.check_model_source(config.model, config.trust_remote_code)
+        tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
+        examples, encoded, heldout = load_data(config, tokenizer)
+    except (rundir.RunDirError, models.ModelError, ValueError, OSError) as exc:
+        raise InputError(_one_line(exc)) from None
+    if not config.embedded and config.sft_epochs == 0 and models.looks_like_base_model(config.model):
+        log(f"warning: {config.model} looks like a base model, not an SFT model; self-play starts from an SFT model "
+            "(SPIN: zephyr-7b-sft-full). Add --sft-epochs 1 (or --config qwen2.5-3b) for an SFT warm-up first")
+    schedule = AlphaSchedule(kind=config.alpha_schedule, alpha=config.alpha, alpha_min=config.alpha_min,
+                             alpha_max=config.alpha_max, num_iterations=config.iters, gap=config.gap)
+    session = Run(config, Path(config.output_dir), device, tokenizer, examples, encoded, heldout, schedule)
+    if config.dry_run:
+        from iris_ref import plan
+
+        plan.print_plan(session, verdict)
+        return None
+    from iris_ref.config import saved_payload
+
+    rundir.prepare(session.dir, verdict, saved_payload(config))
+    _set_seed(config.seed)
+    return session
 
 
 def load_data(config: IrisConfig, tokenizer):
-    """Training examples (fixed seeded subset), their encodings, and the held-out examples."""
-    from iris_ref import data
+    """Training examples (a fixed seeded subset) with their encodings, and the held-out examples.
+    `ValueError` (one line) when too little is left for one optimizer step."""
+    from iris_ref import tiny
 
-    source = _data_source(config)
-    try:
-        examples, skips = data.load_examples(
-            source, split=config.split or "train", num_samples=config.num_samples, seed=config.seed,
-            first_turn=config.first_turn,
-        )
-    except (ValueError, OSError) as exc:
-        raise InputError(f"dataset {source}: {_one_line(exc)}") from None
-    kept, encoded, too_long = [], [], 0
+    source = config.dataset or str(tiny.TOY_TRAIN_PATH)
+    examples, skips = data_lib.load_examples(source, split=config.split or "train", num_samples=config.num_samples,
+                                             seed=config.seed, first_turn=config.first_turn)
+    kept, encoded = [], []
     for example in examples:
-        seq = data.encode_pair(tokenizer, example.prompt_messages, example.response, config.max_length, config.max_prompt_length)
+        seq = data_lib.encode_pair(tokenizer, example.prompt_messages, example.response, config.max_length,
+                                   config.max_prompt_length)
         if seq is None:
-            too_long += 1
-            continue
-        kept.append(example)
-        encoded.append(seq)
-    skips.too_long += too_long
-    log(f"data: {len(kept)} prompts used from {source} (skipped: {skips.describe()})")
-    if not kept:
-        raise InputError(f"dataset {source}: no valid rows left (every prompt longer than --max-prompt-length {config.max_prompt_length}?)")
+            skips.too_long += 1
+        else:
+            kept.append(example)
+            encoded.append(seq)
+    log(f"data: {len(kept)} prompts from {source} (skipped: {skips.describe()})")
+    if len(kept) < config.global_batch_size:
+        raise ValueError(
+            f"dataset {source}: {len(kept)} usable prompts (skipped: {skips.describe()}) are fewer than "
+            f"--global-batch-size {config.global_batch_size}, so not one optimizer step fits; lower "
+            f"--global-batch-size (and --micro-batch-size) or give more data")
+    eval_source = config.eval_dataset or (str(tiny.TOY_HELDOUT_PATH) if config.dataset is None else None)
     heldout = []
-    eval_source = _eval_source(config)
     if eval_source is not None:
-        try:
-            heldout, eval_skips = data.load_examples(
-                eval_source, split=config.eval_split or "train", num_samples=config.eval_num_samples,
-                seed=config.seed, first_turn=config.first_turn,
-            )
-        except (ValueError, OSError) as exc:
-            raise InputError(f"eval dataset {eval_source}: {_one_line(exc)}") from None
-        log(f"held-out: {len(heldout)} rows from {eval_source} ({eval_skips.total} skipped)")
+        heldout, eval_skips = data_lib.load_examples(eval_source, split=config.eval_split or "train",
+                                                     num_samples=config.eval_num_samples, seed=config.seed,
+                                                     first_turn=config.first_turn)
+        log(f"held-out: {len(heldout)} rows from {eval_source} (skipped: {eval_skips.describe()})")
+    else:
+        log("held-out: none (no --eval-dataset): iterations are not evaluated")
     return kept, encoded, heldout
+
+
+def model_path(run: Run, t: int):
+    """Where θ_t is on disk: `iter_t/checkpoint`, or the given model for θ_0 without a warm-up."""
+    checkpoint = rundir.IterationDir(run.dir / f"iter_{t}", t).checkpoint
+    return checkpoint if (t > 0 or checkpoint.exists()) else run.config.model
+
+
+def load_policy(run: Run, path):
+    return models.load_policy(path, device=run.device, parallel=run.config.parallel,
+                              trust_remote_code=run.config.trust_remote_code)
+
+
+def previous_gaps(run: Run, t: int) -> list[float]:
+    """gap_1 .. gap_{t-1} of the completed iterations (the schedule's history survives --resume)."""
+    return [rundir.IterationDir(run.dir / f"iter_{s}", s).read("train_summary.json")["gap"] for s in range(1, t)]
+
+
+def _same_prompts(run: Run, rows: list[dict]) -> bool:
+    """A reused synthetic.jsonl must hold K rows per prompt, for these prompts, in order."""
+    K = run.config.num_synthetic
+    return len(rows) == K * len(run.examples) and all(
+        row["prompt"] == run.examples[i // K].prompt_messages and row.get("sample_index", 0) == i % K
+        and "rejected_token_ids" in row for i, row in enumerate(rows))
+
+
+def _score(run: Run, policy, sequences, token_budget: int, desc: Optional[str] = None) -> torch.Tensor:
+    from iris_ref.logprobs import score_sequences
+
+    return score_sequences(policy, sequences, run.tokenizer.pad_token_id, token_budget=token_budget,
+                           bf16=run.config.bf16, desc=desc)
+
+
+def _steps_before(run: Run, t: int) -> int:
+    """Optimizer steps of the iterations before t (TensorBoard's global step)."""
+    total = 0
+    for s in range(t):
+        summary = rundir.IterationDir(run.dir / f"iter_{s}", s).read("train_summary.json") or {}
+        total += int(summary.get("total_steps", 0))
+    return total
+
+
+def finish(run: Run) -> dict:
+    from iris_ref import report
+
+    summary = build_summary(run.dir, run.config)
+    files.write_json(run.dir / "summary.json", summary)
+    if distributed.is_main_process():
+        report.write_report(run.dir, summary)
+        print(report.format_table(summary), flush=True)
+        print(f"run folder: {run.dir}  (summary.json, report.png)", flush=True)
+    distributed.barrier()
+    return summary
+
+
+def build_summary(run_dir: Path, config: IrisConfig) -> dict:
+    """`summary.json`: entry 0 = the starting model, then one entry per completed iteration."""
+    entries = []
+    for t in range(config.iters + 1):
+        it = rundir.IterationDir(Path(run_dir) / f"iter_{t}", t)
+        if not it.complete:
+            break
+        entry = {"iteration": t, "alpha": None, "gap": None}
+        if t > 0:
+            entry.update(it.read("train_summary.json") or {})
+        entry.update(it.read("eval.json") or {})
+        entry["checkpoint"] = str(it.checkpoint) if it.checkpoint.exists() else config.model
+        entries.append(entry)
+    model = "tiny (embedded default)" if config.embedded else config.model
+    schedule = f", {config.alpha_schedule} alpha" if config.loss == "iris" else ""
+    return {"title": f"{model}: {config.loss.upper()}{schedule}, K={config.num_synthetic}", "loss": config.loss,
+            "model": config.model, "run_dir": str(run_dir), "has_heldout": any("heldout_nll" in e for e in entries),
+            "iterations": entries}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -302,441 +450,22 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def training_args(config: IrisConfig, **overrides):
-    """The trainer's TrainingArgs from the run config: every field of the same name, plus overrides."""
-    from iris_ref.trainer import TrainingArgs
-
-    return TrainingArgs.from_config(config, **overrides)
-
-
-# ----------------------------------------------------------------------------------------
-# distributed helpers: split work over ranks, gather in order
-# ----------------------------------------------------------------------------------------
-def _gather_objects(items: list) -> list:
-    if not dist_utils.is_distributed():
-        return list(items)
-    import torch.distributed as dist
-
-    parts: list = [None] * dist_utils.get_world_size()
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
-
-def generate_split(model_or_path, tokenizer, prompts: list, *, config: IrisConfig, seed: int, temperature: float,
-                   device: torch.device, max_new_tokens: int) -> tuple[list[str], list[bool]]:
-    """One response per prompt and whether it finished (ended with its end of turn rather than
-    at max_new_tokens); under torchrun each rank takes its contiguous share."""
-    from iris_ref import generation
-
-    share = dist_utils.shard_range(len(prompts))
-    local_prompts = [prompts[i] for i in share]
-    n_local = len(local_prompts)
-    from_path = isinstance(model_or_path, (str, Path))
-    extra = {}
-    if not from_path and prompts and _is_sharded(model_or_path):
-        # Every forward of an FSDP model is collective: all ranks must run the same number of
-        # batches (pad with a repeated prompt, results discarded) and of decoding steps.
-        per_rank = -(-len(prompts) // dist_utils.get_world_size())
-        local_prompts += [prompts[0]] * (per_rank - n_local)
-        extra["synced_gpus"] = True
-    if from_path and str(device).startswith("cuda") and torch.cuda.is_available():
-        # vLLM shares the GPU with the resident training model: give it most of what is free.
-        free, total = torch.cuda.mem_get_info()
-        extra["gpu_memory_utilization"] = max(0.05, 0.85 * free / total)
-    local = generation.generate_responses(
-        str(model_or_path) if from_path else model_or_path, tokenizer, local_prompts, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=config.top_p, seed=seed + 100003 * dist_utils.get_rank(),
-        batch_size=config.generation_batch_size, backend=config.generator if from_path else "hf",
-        device=str(device), return_finished=True, **extra,
-    ) if local_prompts else ([], [])
-    texts, finished = local
-    gathered = _gather_objects(list(zip(texts[:n_local], finished[:n_local])))
-    return [text for text, _ in gathered], [done for _, done in gathered]
-
-
-def _is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def logprobs_split(policy, pairs: list, pad_token_id: int, micro_batch_size: int, bf16: bool = False):
-    """Sequence log-probs (no grad) of (real, synthetic-or-None) pairs; under torchrun the
-    trainer's `compute_logprobs` splits the pairs over ranks and gathers them in order."""
-    from iris_ref.trainer import compute_logprobs
-
-    return compute_logprobs(policy, pairs, pad_token_id, micro_batch_size, bf16=bf16)
-
-
-# ----------------------------------------------------------------------------------------
-# the driver
-# ----------------------------------------------------------------------------------------
-class StepLog:
-    """The per-step metrics of one training phase, appended to `metrics.jsonl` as they come.
-
-    After a resume the trainer replays from its last saved step; `finish()` rewrites the file
-    keeping the last record of every step, so the file equals an uninterrupted run's.
-    """
-
-    def __init__(self, path: Path, iteration: int, crash_at: Optional[tuple[int, int]] = None):
-        self.path = path
-        self.iteration = iteration
-        self.crash_at = crash_at
-
-    def __call__(self, record: dict) -> None:
-        record = {"iteration": self.iteration, **{k: _plain(v) for k, v in record.items()}}
-        if dist_utils.is_main_process():
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, default=_json_default) + "\n")
-                handle.flush()
-        if self.crash_at is not None and self.crash_at == (self.iteration, int(record.get("step", -1))):
-            sys.stdout.flush()
-            os._exit(17)
-
-    def finish(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        by_step: dict = {}
-        for record in read_jsonl(self.path):
-            by_step[record.get("step")] = record
-        records = [by_step[k] for k in sorted(by_step, key=lambda s: (s is None, s if s is not None else 0))]
-        if dist_utils.is_main_process():
-            write_jsonl(self.path, records)
-        return records
-
-
-def _plain(value):
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
-
-
-def _crash_point() -> Optional[tuple[int, int]]:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return None
-    iteration, step = spec.split(":")
-    return int(iteration), int(step)
-
-
-def _train(policy, pairs, opp_real, opp_syn, *, alpha, args, pad_token_id, state_dir, step_log, phase: str) -> dict:
-    from iris_ref import trainer
-
-    try:
-        return trainer.train_iteration(
-            policy, pairs, opp_real, opp_syn, alpha=alpha, args=args, pad_token_id=pad_token_id,
-            state_dir=state_dir, log_fn=step_log,
-        )
-    except trainer.NonFiniteLossError as exc:
-        raise TrainingFailure(f"{phase}: {_one_line(exc)}") from None
-
-
-def _evaluate(policy, tokenizer, heldout, config: IrisConfig, device, toy: bool) -> dict:
-    from iris_ref import evaluation
-
-    if not heldout:
-        return {}
-    return evaluation.evaluate(
-        policy, tokenizer, heldout, config=config, device=device, toy=toy, generate=generate_split,
-        logprobs=logprobs_split,
-    )
-
-
-def _check_finite(policy, probe_pairs, pad_token_id: int, config: IrisConfig, phase: str) -> None:
-    """Refuse to save a model whose weights or log-probs are not finite: the trainer checks
-    each step's loss and gradient, not what its last update produced."""
-    for name, param in dist_utils.unwrap_model(policy).named_parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
-        if not torch.isfinite(local).all():
-            raise TrainingFailure(f"{phase}: non-finite weights ({name}) after the last optimizer step; "
-                                  "not saved, the previous checkpoint is intact (lower the learning rate)")
-    real, synthetic = logprobs_split(policy, probe_pairs, pad_token_id, config.micro_batch_size, config.bf16)
-    values = real if synthetic is None else torch.cat([real, synthetic])
-    if not torch.isfinite(values).all():
-        raise TrainingFailure(f"{phase}: non-finite log-probs after the last optimizer step; not saved, "
-                              "the previous checkpoint is intact (lower the learning rate)")
-
-
-def _save_checkpoint(policy, path: Path, tokenizer) -> None:
-    dist_utils.save_full_checkpoint(policy, path, tokenizer=tokenizer)
-
-
-def _complete(iter_dir: Path) -> bool:
-    return (iter_dir / "COMPLETE").exists()
-
-
-def _mark_complete(iter_dir: Path) -> None:
-    if dist_utils.is_main_process():
-        (iter_dir / "COMPLETE.tmp").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-        os.replace(iter_dir / "COMPLETE.tmp", iter_dir / "COMPLETE")
-    dist_utils.barrier()
-
-
 def _set_seed(seed: int) -> None:
     import random
+
+    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _opponent_logps(iter_dir: Path, policy, opponent_hash: str, pairs, pad_token_id, config) -> dict:
-    """Load `opponent_logps.pt` if it belongs to this opponent (same weight hash), else compute and save."""
-    path = iter_dir / "opponent_logps.pt"
-    if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("opponent_sha256") == opponent_hash and saved["real"].numel() == len(pairs):
-            return saved
-        log(f"iteration {iter_dir.name}: saved opponent log-probs belong to other weights; recomputing")
-    real, synthetic = logprobs_split(policy, pairs, pad_token_id, config.micro_batch_size, config.bf16)
-    payload = {
-        "opponent_sha256": opponent_hash,
-        "real": real,
-        "synthetic": synthetic,
-        "real_lengths": torch.tensor([len(r.input_ids) - r.prompt_length for r, _ in pairs]),
-        "synthetic_lengths": torch.tensor([len(s.input_ids) - s.prompt_length for _, s in pairs]),
-    }
-    if dist_utils.is_main_process():
-        torch_save_atomic(payload, path)
-    dist_utils.barrier()
-    return payload
-
-
-def _policy_hash(policy) -> str:
-    state = dist_utils.full_model_state_dict(policy)
-    digest = _state_dict_sha256(state) if dist_utils.is_main_process() else None
-    return dist_utils.broadcast_object(digest)
-
-
-def run(config: IrisConfig) -> dict:
-    """Run (or resume) self-play; returns the summary dict also written to `summary.json`.
-
-    Raises InputError for bad input (before any model is loaded) and TrainingFailure when the
-    run must stop (non-finite loss).
-    """
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config)
-    finally:
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int]):
+    before = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
-
-
-def _run(config: IrisConfig) -> dict:
-    from iris_ref.schedule import AlphaSchedule, per_token_scores
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the table
-    info = dist_utils.init_distributed("cpu" if config.device == "cpu" else None)
-    device = _device(config, info)
     try:
-        config.validate()
-    except ConfigError as exc:
-        raise InputError(str(exc)) from None
-    if not config.embedded:
-        check_model_source(config.model, config.trust_remote_code)
-    config, run_dir = _resolve_run_dir(config)
-    crash_at = _crash_point()
-
-    tokenizer = load_tokenizer(config)
-    examples, encoded, heldout = load_data(config, tokenizer)
-    toy = uses_toy_task(heldout)
-
-    if dist_utils.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.json", collect_versions())
-    dist_utils.barrier()
-    _set_seed(config.seed)
-    schedule = AlphaSchedule(kind=config.alpha_schedule, alpha=config.alpha, alpha_min=config.alpha_min,
-                             alpha_max=config.alpha_max, num_iterations=config.iters, gap=config.gap)
-    pad_token_id = tokenizer.pad_token_id
-    prompts = [ex.prompt_messages for ex in examples]
-
-    # ---- the starting model θ_0 ---------------------------------------------------------
-    last_done = 0
-    while _complete(run_dir / f"iter_{last_done + 1}") and last_done + 1 <= config.iters:
-        last_done += 1
-    iter0 = run_dir / "iter_0"
-    iter0.mkdir(exist_ok=True)
-    if _complete(iter0):
-        start_path = iter0 / "checkpoint" if config.embedded else Path(config.model)
-        policy_path = run_dir / f"iter_{last_done}" / "checkpoint" if last_done else start_path
-        log(f"resume: iterations 0..{last_done} complete; continuing from {policy_path}")
-        hf_model = load_model(policy_path, config, device)
-    else:
-        if config.embedded:
-            from iris_ref import tiny
-
-            hf_model = tiny.build_tiny_model(tokenizer, seed=config.seed).to(device)
-        else:
-            hf_model = load_model(config.model, config, device)
-    # Wrapped once for the whole run (FSDP shards in place); the trainer enables gradient
-    # checkpointing for its own forwards only, so generation keeps its KV cache.
-    policy = dist_utils.prepare_model(hf_model, strategy=config.parallel)
-
-    if not _complete(iter0):
-        if config.embedded and config.sft_epochs > 0:
-            log(f"SFT warm-up: {config.sft_epochs} epochs on {len(encoded)} annotated responses")
-            step_log = StepLog(iter0 / "metrics.jsonl", 0, crash_at)
-            args = training_args(config, loss="sft", epochs=config.sft_epochs, learning_rate=config.sft_learning_rate)
-            sft_summary = _train(policy, [(seq, None) for seq in encoded], None, None, alpha=None, args=args,
-                                 pad_token_id=pad_token_id, state_dir=iter0 / "trainer_state", step_log=step_log,
-                                 phase="SFT warm-up")
-            step_log.finish()
-            sft_summary = _plain_dict(sft_summary)
-            if dist_utils.is_main_process():
-                write_json(iter0 / "train_summary.json", sft_summary)
-        if config.embedded:
-            _check_finite(policy, [(seq, None) for seq in encoded[: config.micro_batch_size]], pad_token_id, config,
-                          "SFT warm-up")
-            _save_checkpoint(policy, iter0 / "checkpoint", tokenizer)
-        elif dist_utils.is_main_process():
-            write_json(iter0 / "source.json", {"model": config.model})
-        evaluation = _evaluate(policy, tokenizer, heldout, config, device, toy)
-        if dist_utils.is_main_process():
-            write_json(iter0 / "eval.json", evaluation)
-        _mark_complete(iter0)
-        if dist_utils.is_main_process():  # only once complete: a crash before keeps the state to resume from
-            shutil.rmtree(iter0 / "trainer_state", ignore_errors=True)
-
-    first_gap = None
-    for t in range(1, config.iters + 1):
-        iter_dir = run_dir / f"iter_{t}"
-        if _complete(iter_dir):
-            first_gap = first_gap if first_gap is not None else json.loads((iter_dir / "train_summary.json").read_text())["gap"]
-            continue
-        if dist_utils.is_main_process():
-            iter_dir.mkdir(exist_ok=True)
-        dist_utils.barrier()
-        opponent_dir = run_dir / f"iter_{t - 1}"
-        opponent_path = opponent_dir / "checkpoint" if (t > 1 or config.embedded) else Path(config.model)
-        opponent_hash = _policy_hash(policy)
-        t0 = time.time()
-
-        # 2. synthetic responses from the opponent θ_{t-1} (the policy in memory right now)
-        synthetic_path = iter_dir / "synthetic.jsonl"
-        if synthetic_path.exists():
-            rows = read_jsonl(synthetic_path)
-            if [row["prompt"] for row in rows] != [ex.prompt_messages for ex in examples]:
-                raise InputError(f"{synthetic_path} was generated for other prompts; delete it or use --overwrite")
-            synthetic = [row["rejected"][-1]["content"] for row in rows]
-            finished = [row.get("rejected_finished", True) for row in rows]
-        else:
-            use_path = config.generator == "vllm" or dist_utils.parallel_strategy(policy) == "fsdp"
-            if config.generator == "auto" and str(device).startswith("cuda"):
-                from iris_ref import generation
-
-                use_path = use_path or generation.vllm_is_importable()
-            source = str(opponent_path) if use_path else dist_utils.unwrap_model(policy)
-            synthetic, finished = generate_split(
-                source, tokenizer, prompts, config=config, seed=config.seed * 1000 + t,
-                temperature=config.temperature, device=device, max_new_tokens=config.max_new_tokens,
-            )
-            # TRL-style rows; `rejected_finished` (ignored by TRL) is False for a response cut at
-            # max_new_tokens, which then gets no end-of-turn token appended.
-            rows = [
-                {"prompt": ex.prompt_messages,
-                 "chosen": [{"role": "assistant", "content": ex.response}],
-                 "rejected": [{"role": "assistant", "content": text}],
-                 "rejected_finished": done}
-                for ex, text, done in zip(examples, synthetic, finished)
-            ]
-            if dist_utils.is_main_process():
-                write_jsonl(synthetic_path, rows)
-            dist_utils.barrier()
-        generation_seconds = time.time() - t0
-
-        from iris_ref import data
-
-        pairs = []
-        for real_seq, ex, text, done in zip(encoded, examples, synthetic, finished):
-            syn_seq = data.encode_pair(tokenizer, ex.prompt_messages, text, config.max_length, config.max_prompt_length,
-                                       end_of_turn=done)
-            pairs.append((real_seq, syn_seq))
-
-        # 3. opponent log-probs, once, keyed by the opponent's weights
-        opp = _opponent_logps(iter_dir, policy, opponent_hash, pairs, pad_token_id, config)
-
-        # 4. gap and α_t from the opponent's per-token scores
-        real_scores = per_token_scores(opp["real"].numpy(), opp["real_lengths"].numpy())
-        syn_scores = per_token_scores(opp["synthetic"].numpy(), opp["synthetic_lengths"].numpy())
-        gap = schedule.measure_gap(real_scores, syn_scores)
-        if first_gap is None:
-            first_gap = gap
-        alpha = schedule.alpha_for(t - 1, gap, first_gap)
-        log(f"iteration {t}: opponent {opponent_path} (sha256 {opponent_hash[:12]}), gap {gap:.4f}, alpha {alpha:.3f}")
-
-        # 5. train θ_t from θ_{t-1}
-        step_log = StepLog(iter_dir / "metrics.jsonl", t, crash_at)
-        t1 = time.time()
-        result = _train(policy, pairs, opp["real"], opp["synthetic"], alpha=alpha, args=training_args(config),
-                        pad_token_id=pad_token_id, state_dir=iter_dir / "trainer_state", step_log=step_log,
-                        phase=f"iteration {t}")
-        step_log.finish()
-        train_summary = {
-            **_plain_dict(result),
-            "iteration": t, "alpha": alpha if config.loss == "iris" else None, "gap": gap, "first_gap": first_gap,
-            "opponent_sha256": opponent_hash, "opponent_checkpoint": str(opponent_path),
-            "generation_seconds": generation_seconds, "train_seconds": time.time() - t1,
-        }
-
-        # 6. save θ_t atomically, evaluate, mark complete
-        _check_finite(policy, pairs[: config.micro_batch_size], pad_token_id, config, f"iteration {t}")
-        _save_checkpoint(policy, iter_dir / "checkpoint", tokenizer)
-        if dist_utils.is_main_process():
-            write_json(iter_dir / "train_summary.json", train_summary)
-        evaluation = _evaluate(policy, tokenizer, heldout, config, device, toy)
-        if dist_utils.is_main_process():
-            write_json(iter_dir / "eval.json", evaluation)
-        _mark_complete(iter_dir)
-        if dist_utils.is_main_process():
-            shutil.rmtree(iter_dir / "trainer_state", ignore_errors=True)
-
-    summary = build_summary(run_dir, config)
-    if dist_utils.is_main_process():
-        write_json(run_dir / "summary.json", summary)
-        from iris_ref import report
-
-        report.write_report(run_dir, summary)
-        print(report.format_table(summary["iterations"]), flush=True)
-        print(f"run directory: {run_dir}  (summary.json, report.png)", flush=True)
-    dist_utils.barrier()
-    return summary
-
-
-def _plain_dict(values: Optional[dict]) -> dict:
-    return {k: _plain(v) for k, v in (values or {}).items()}
-
-
-SUMMARY_KEYS = ("iteration", "alpha", "gap", "heldout_nll", "heldout_accuracy")
-
-
-def build_summary(run_dir: Path, config: IrisConfig) -> dict:
-    """`summary.json`: entry 0 = the starting model, then one entry per completed iteration."""
-    entries = []
-    for t in range(0, config.iters + 1):
-        iter_dir = run_dir / f"iter_{t}"
-        if not _complete(iter_dir):
-            break
-        entry: dict[str, Any] = {"iteration": t, "alpha": None, "gap": None, "heldout_nll": None, "heldout_accuracy": None}
-        train_path = iter_dir / "train_summary.json"
-        if t > 0 and train_path.exists():
-            entry.update(json.loads(train_path.read_text(encoding="utf-8")))
-        eval_path = iter_dir / "eval.json"
-        if eval_path.exists():
-            entry.update(json.loads(eval_path.read_text(encoding="utf-8")))
-        entry["checkpoint"] = str(iter_dir / "checkpoint") if (iter_dir / "checkpoint").exists() else config.model
-        entry["iteration"] = t
-        entries.append(entry)
-    return {
-        "title": f"{'tiny (embedded default)' if config.embedded else config.model}, loss {config.loss}, "
-                 f"{config.alpha_schedule} alpha",
-        "loss": config.loss,
-        "model": config.model,
-        "run_dir": str(run_dir),
-        "iterations": entries,
-    }
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -3,7 +3,8 @@
     python tests/dist_worker.py --strategy none --micro 2 --out DIR                  # one process
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py --strategy ddp --micro 2 --out DIR
 
-Every run trains the same float64 tiny model on the same 16 random pairs with global batch 8
+Every run trains the same float64 tiny model on the same 16 random prompts (one annotated and
+one synthetic sequence each) with global batch 8
 (micro-batch x accumulation x world) for 4 optimizer steps, stopping after 2 steps and
 resuming from the saved trainer state (so the distributed save/load path runs too), then
 writes ``DIR/result.json`` (per-step metrics, opponent log-probs) and ``DIR/checkpoint``
@@ -13,6 +14,8 @@ writes ``DIR/result.json`` (per-step metrics, opponent log-probs) and ``DIR/chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -25,15 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from iris_ref import distributed as dist_utils  # noqa: E402
-from iris_ref import trainer  # noqa: E402
+from iris_ref import models, trainer  # noqa: E402
+from iris_ref.config import parse_config  # noqa: E402
 from iris_ref.data import EncodedSequence  # noqa: E402
+from iris_ref.logprobs import score_sequences  # noqa: E402
+from iris_ref.objectives import iris_loss  # noqa: E402
 from iris_ref.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 GLOBAL_BATCH = 8
-NUM_PAIRS = 16
+NUM_PROMPTS = 16
 
 
-def random_pairs(vocab: int, n: int, seed: int):
+def random_sequences(vocab: int, n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
 
     def sequence():
@@ -41,7 +47,7 @@ def random_pairs(vocab: int, n: int, seed: int):
         response = int(torch.randint(2, 10, (1,), generator=g))
         return EncodedSequence(torch.randint(5, vocab, (prompt + response,), generator=g).tolist(), prompt)
 
-    return [(sequence(), sequence()) for _ in range(n)]
+    return [sequence() for _ in range(n)]
 
 
 def main() -> None:
@@ -58,33 +64,31 @@ def main() -> None:
     policy = dist_utils.prepare_model(model, strategy=opts.strategy)
     assert dist_utils.parallel_strategy(policy) == opts.strategy
 
-    pairs = random_pairs(len(tokenizer), NUM_PAIRS, seed=1)
-    # Opponent log-probs scored across ranks (uneven shares: 16 pairs + 1 extra), then perturbed
-    # so that IRIS's weights are far from uniform from the first step.
-    extra = random_pairs(len(tokenizer), 1, seed=2)
-    real, synthetic = trainer.compute_logprobs(policy, pairs + extra, tokenizer.pad_token_id, 3, split_across_ranks=True)
-    noise = torch.randn(2, NUM_PAIRS, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2.0
-    opp_real, opp_syn = real[:NUM_PAIRS].double() + noise[0], synthetic[:NUM_PAIRS].double() + noise[1]
-
-    args = trainer.TrainingArgs(
-        loss="iris", beta=0.5, optimizer="adamw", learning_rate=1e-3, warmup_ratio=0.0, epochs=2,
-        global_batch_size=GLOBAL_BATCH, micro_batch_size=opts.micro, save_steps=1, seed=0, progress=False,
-    )
+    # 16 prompts + 16 synthetic responses, scored across ranks (33 sequences: uneven shares),
+    # then perturbed so that IRIS's weights are far from uniform from the first step.
+    real, synthetic = random_sequences(len(tokenizer), NUM_PROMPTS, 1), random_sequences(len(tokenizer), NUM_PROMPTS, 2)
+    extra = random_sequences(len(tokenizer), 1, 3)
+    scores = score_sequences(policy, real + synthetic + extra, tokenizer.pad_token_id, token_budget=40)
+    noise = torch.randn(2, NUM_PROMPTS, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2.0
+    data = trainer.TrainingData(real, synthetic, scores[:NUM_PROMPTS].double() + noise[0],
+                                scores[NUM_PROMPTS:2 * NUM_PROMPTS].double() + noise[1])
+    config = dataclasses.replace(parse_config([]), optimizer="adamw", warmup_ratio=0.0, global_batch_size=GLOBAL_BATCH,
+                                 micro_batch_size=opts.micro, save_steps=1, seed=0)
+    objective = functools.partial(iris_loss, alpha=2.0, beta=0.5)
     records: list[dict] = []
     state_dir = opts.out / "state"
-    trainer.train_iteration(policy, pairs, opp_real, opp_syn, alpha=2.0, pad_token_id=tokenizer.pad_token_id,
-                            args=trainer.TrainingArgs(**{**args.__dict__, "max_steps": 2}),
-                            state_dir=state_dir, log_fn=records.append)
-    summary = trainer.train_iteration(policy, pairs, opp_real, opp_syn, alpha=2.0, pad_token_id=tokenizer.pad_token_id,
-                                      args=args, state_dir=state_dir, log_fn=records.append)
-    dist_utils.save_full_checkpoint(policy, opts.out / "checkpoint", tokenizer=tokenizer)
+    common = dict(pad_token_id=tokenizer.pad_token_id, epochs=2, learning_rate=1e-3, state_dir=state_dir,
+                  log=records.append, fingerprint={"loss": "iris"})
+    trainer.train(policy, data, objective, config, max_steps=2, **common)
+    summary = trainer.train(policy, data, objective, config, **common)
+    models.save_checkpoint(policy, opts.out / "checkpoint", tokenizer)
     if dist_utils.is_main_process():
         result = {
             "world_size": info.world_size,
             "resumed_from_step": summary["resumed_from_step"],
             "records": records,
-            "opponent_real": real.tolist(),
-            "opponent_synthetic": synthetic.tolist(),
+            "opponent_real": scores[:NUM_PROMPTS].tolist(),
+            "opponent_synthetic": scores[NUM_PROMPTS:].tolist(),
         }
         (opts.out / "result.json").write_text(json.dumps(result))
     dist_utils.teardown_distributed()

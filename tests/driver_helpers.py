@@ -42,10 +42,12 @@ def comparable(summary: dict) -> list[dict]:
     return out
 
 
-def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300, script: str = "run_iris.py",
+            cwd=REPO) -> subprocess.CompletedProcess:
+    """The command line in a subprocess (stdout and stderr captured, so neither is a terminal)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, str(REPO / "run_iris.py"), *args], cwd=REPO, env=env, capture_output=True,
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=timeout,
     )
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from iris_ref import selfplay
+from iris_ref import models, selfplay
 from tests.driver_helpers import comparable, read_summary, small_config
 
 REQUIRED = ("iteration", "alpha", "gap", "heldout_nll", "heldout_accuracy")
@@ -21,7 +22,7 @@ def iris_run(tmp_path_factory):
 def test_run_directory_layout_and_summary_schema(iris_run):
     run_dir, summary = iris_run
     assert summary == read_summary(run_dir)
-    assert (run_dir / "report.png").stat().st_size > 1000
+    assert (run_dir / ".iris-run").is_file() and (run_dir / "report.png").stat().st_size > 1000
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["config"]["loss"] == "iris" and saved["versions"]["torch"] == torch.__version__
     entries = summary["iterations"]
@@ -31,8 +32,9 @@ def test_run_directory_layout_and_summary_schema(iris_run):
             assert key in entry, key
         assert entry["heldout_nll"] > 0 and 0 <= entry["heldout_accuracy"] <= 1
     assert entries[0]["alpha"] is None and entries[0]["gap"] is None
-    # Adaptive schedule: the first iteration uses alpha_max, later ones stay in [alpha_min, alpha_max].
-    assert entries[1]["alpha"] == 2.0 and 0.5 <= entries[2]["alpha"] <= 2.0
+    # The guarded schedule: alpha_max first, then never above the previous iteration's.
+    assert entries[1]["alpha"] == 2.0 and 0.5 <= entries[2]["alpha"] <= entries[1]["alpha"]
+    assert entries[2]["gaps"] == [entries[1]["gap"], entries[2]["gap"]]
     for t in (1, 2):
         it = run_dir / f"iter_{t}"
         for name in ("synthetic.jsonl", "opponent_logps.pt", "metrics.jsonl", "COMPLETE", "eval.json"):
@@ -41,61 +43,86 @@ def test_run_directory_layout_and_summary_schema(iris_run):
         assert (it / "checkpoint" / "tokenizer_config.json").exists()
         assert not (it / "trainer_state").exists()
         rows = [json.loads(line) for line in (it / "synthetic.jsonl").read_text().splitlines()]
-        assert len(rows) == 16 and set(rows[0]) == {"prompt", "chosen", "rejected", "rejected_finished"}
+        assert len(rows) == 16
+        assert set(rows[0]) == {"prompt", "chosen", "rejected", "rejected_token_ids", "rejected_finished", "sample_index"}
         assert rows[0]["chosen"][0]["role"] == "assistant" and rows[0]["prompt"][-1]["role"] == "user"
         steps = [json.loads(line) for line in (it / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2]
         for key in ("loss", "rewards/real", "rewards/synthetic", "rewards/margins", "logps/real",
-                    "weights/ess_real", "weights/ess_synthetic", "alpha"):
+                    "weights/ess_real", "weights/ess_synthetic", "padding_fraction"):
             assert key in steps[0], key
 
 
-def test_opponent_of_iteration_t_is_the_checkpoint_of_iteration_t_minus_1(iris_run):
-    from transformers import AutoModelForCausalLM
-
-    run_dir, summary = iris_run
-    for t in (1, 2):
-        previous = AutoModelForCausalLM.from_pretrained(run_dir / f"iter_{t - 1}" / "checkpoint")
-        saved = torch.load(run_dir / f"iter_{t}" / "opponent_logps.pt", weights_only=True)
-        assert saved["opponent_sha256"] == selfplay.weights_sha256(previous)
-        assert summary["iterations"][t]["opponent_sha256"] == saved["opponent_sha256"]
-    # ... and never the policy itself: every iteration's model differs from its opponent.
-    hashes = [summary["iterations"][t]["opponent_sha256"] for t in (1, 2)]
-    assert hashes[0] != hashes[1]
+def test_saved_checkpoints_keep_use_cache_and_one_tied_embedding(iris_run):
+    run_dir, _ = iris_run
+    for t in (0, 1, 2):
+        folder = run_dir / f"iter_{t}" / "checkpoint"
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+        with safe_open(folder / "model.safetensors", "pt") as handle:
+            assert "lm_head.weight" not in handle.keys() and "model.embed_tokens.weight" in handle.keys()
 
 
-def test_opponent_logprobs_match_the_opponent_and_are_recomputed_for_other_weights(iris_run, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_tied_weights_stay_one_tensor_in_the_state_dict(tokenizer_and_model=None):
+    """Negative control of the save path: the state dict that save_pretrained gets keeps the tie as
+    one tensor (a GPU model's `.to("cpu")` per name would make two, written twice)."""
+    from iris_ref import distributed
+    from iris_ref.tiny import build_tiny_model, build_tiny_tokenizer
 
-    from iris_ref.trainer import compute_logprobs
+    model = build_tiny_model(build_tiny_tokenizer(), seed=0)
+    state = distributed.full_model_state_dict(model)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+
+
+def test_synthetic_responses_are_scored_from_their_sampled_token_ids(iris_run):
+    """The opponent log-probs are those of exactly the sampled ids: re-scoring the saved ids with
+    the opponent checkpoint reproduces them; a re-tokenisation of the text would not be needed."""
+    from iris_ref import data
+    from iris_ref.logprobs import score_sequences
 
     run_dir, _ = iris_run
-    saved = torch.load(run_dir / "iter_2" / "opponent_logps.pt", weights_only=True)
-    opponent = AutoModelForCausalLM.from_pretrained(run_dir / "iter_1" / "checkpoint")
-    config = small_config(tmp_path)
-    tokenizer = selfplay.load_tokenizer(config)
-    examples, encoded, _ = selfplay.load_data(config, tokenizer)
-    from iris_ref import data
-
     rows = [json.loads(line) for line in (run_dir / "iter_2" / "synthetic.jsonl").read_text().splitlines()]
-    # a response the opponent did not finish (cut at max_new_tokens) gets no end-of-turn token
-    pairs = [(seq, data.encode_pair(tokenizer, ex.prompt_messages, row["rejected"][0]["content"], 48, 32,
-                                    end_of_turn=row["rejected_finished"]))
-             for seq, ex, row in zip(encoded, examples, rows)]
-    assert not all(row["rejected_finished"] for row in rows)  # this weak model runs out of tokens
-    real, synthetic = compute_logprobs(opponent, pairs, tokenizer.pad_token_id, 4)
-    torch.testing.assert_close(real, saved["real"], rtol=0, atol=1e-4)
-    torch.testing.assert_close(synthetic, saved["synthetic"], rtol=0, atol=1e-4)
-    # A stale file (other weights' hash) is recomputed, a matching one is reused.
-    target = tmp_path / "iter"
-    target.mkdir()
-    torch.save({**saved, "real": saved["real"] + 1.0, "opponent_sha256": "0" * 64}, target / "opponent_logps.pt")
-    fresh = selfplay._opponent_logps(target, opponent, selfplay.weights_sha256(opponent), pairs,
-                                     tokenizer.pad_token_id, config)
-    torch.testing.assert_close(fresh["real"], saved["real"], rtol=0, atol=1e-4)
-    reused = selfplay._opponent_logps(target, opponent, selfplay.weights_sha256(opponent), pairs,
-                                      tokenizer.pad_token_id, config)
-    assert torch.equal(reused["real"], fresh["real"])
+    saved = torch.load(run_dir / "iter_2" / "opponent_logps.pt", weights_only=True)
+    opponent = models.load_policy(run_dir / "iter_1" / "checkpoint", device=torch.device("cpu"))
+    tokenizer = models.load_tokenizer(None)
+    sequences = [data.encode_generated(tokenizer, r["prompt"], r["rejected_token_ids"], 48, 32) for r in rows]
+    rescored = score_sequences(opponent, sequences, tokenizer.pad_token_id, token_budget=10**6)
+    torch.testing.assert_close(rescored, saved["synthetic"], rtol=0, atol=1e-4)
+    eot = data.end_of_turn_ids(tokenizer)[-1]
+    for row in rows:  # the stop token the opponent emitted ends a finished response; nothing is appended otherwise
+        assert (row["rejected_token_ids"][-1] in data.stop_token_ids(tokenizer)) == row["rejected_finished"]
+    assert any(not r["rejected_finished"] for r in rows) or all(r["rejected_token_ids"][-1] == eot for r in rows)
+
+
+def test_opponent_of_iteration_t_is_the_checkpoint_of_iteration_t_minus_1(iris_run):
+    run_dir, summary = iris_run
+    for t in (1, 2):
+        previous = models.load_policy(run_dir / f"iter_{t - 1}" / "checkpoint", device=torch.device("cpu"))
+        saved = torch.load(run_dir / f"iter_{t}" / "opponent_logps.pt", weights_only=True)
+        assert saved["opponent_sha256"] == models.weights_sha256(previous)
+        assert summary["iterations"][t]["opponent_sha256"] == saved["opponent_sha256"]
+    hashes = [summary["iterations"][t]["opponent_sha256"] for t in (1, 2)]
+    assert hashes[0] != hashes[1]  # never the policy itself: each iteration's model moved
+
+
+def test_stale_opponent_logprobs_are_recomputed_and_matching_ones_reused(iris_run, tmp_path, monkeypatch):
+    """Resume reuses opponent_logps.pt only when it belongs to the opponent's weights."""
+    import shutil
+
+    run_dir, first = iris_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for name in ("COMPLETE", "checkpoint", "eval.json", "train_summary.json", "metrics.jsonl"):
+        target = copy / "iter_2" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    saved = torch.load(copy / "iter_2" / "opponent_logps.pt", weights_only=True)
+    torch.save({**saved, "real": saved["real"] + 1.0, "opponent_sha256": "0" * 64}, copy / "iter_2" / "opponent_logps.pt")
+    calls = []
+    real = selfplay.opponent_logprobs
+    monkeypatch.setattr(selfplay, "opponent_logprobs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    again = selfplay.run(small_config(copy, "--loss", "iris", "--resume"))
+    assert calls == [1]  # recomputed once, for the stale file
+    assert comparable(again)[2] == comparable(first)[2]
+    assert torch.equal(torch.load(copy / "iter_2" / "opponent_logps.pt", weights_only=True)["real"], saved["real"])
 
 
 @pytest.mark.parametrize("loss", ["space", "spif"])
@@ -104,8 +131,21 @@ def test_every_loss_runs_two_iterations(loss, tmp_path):
     entries = summary["iterations"]
     assert [e["iteration"] for e in entries] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in entries[1:])
-    # α is IRIS's order: the other objectives must not report one
-    assert all((e["alpha"] is not None) == (loss == "iris" and e["iteration"] > 0) for e in entries)
+    assert all(e["alpha"] is None for e in entries)  # alpha is IRIS's order only
+    assert loss.upper() in summary["title"]
+
+
+def test_two_synthetic_responses_per_prompt_end_to_end(tmp_path):
+    run_dir = tmp_path / "k2"
+    summary = selfplay.run(small_config(run_dir, "--iters", "1", "--num-synthetic", "2"))
+    rows = [json.loads(line) for line in (run_dir / "iter_1" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and [r["sample_index"] for r in rows[:4]] == [0, 1, 0, 1]
+    assert rows[0]["prompt"] == rows[1]["prompt"] and rows[1]["prompt"] != rows[2]["prompt"]
+    saved = torch.load(run_dir / "iter_1" / "opponent_logps.pt", weights_only=True)
+    assert saved["real"].shape == (16,) and saved["synthetic"].shape == (32,)
+    step = json.loads((run_dir / "iter_1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["weights/ess_synthetic"] == pytest.approx(16, rel=1e-4)  # 8 prompts x 2, uniform at theta_t
+    assert "K=2" in summary["title"]
 
 
 def test_same_seed_gives_identical_metrics(iris_run, tmp_path):
@@ -118,5 +158,3 @@ def test_existing_run_needs_resume_or_overwrite(iris_run):
     run_dir, _ = iris_run
     with pytest.raises(selfplay.InputError, match="already holds a run"):
         selfplay.run(small_config(run_dir))
-    with pytest.raises(selfplay.InputError, match="changed option --beta"):
-        selfplay.run(small_config(run_dir, "--resume", "--beta", "0.5"))

@@ -1,0 +1,94 @@
+"""`--dry-run`: what a run would do and need, from its config, model config, tokenizer and data.
+
+Nothing heavy is loaded (the model is instantiated on the meta device to count its
+parameters) and nothing is written. The disk estimate is the arithmetic of what the run
+keeps: one fp32 safetensors checkpoint per model (θ_0 when warmed up, and every iteration),
+at most two trainer states at once (one complete, one being written: fp32 weights plus the
+optimizer's state, 1 tensor per weight for RMSprop, 2 for AdamW), and the synthetic data.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+GB = 1e9
+
+
+def count_parameters(config) -> int:
+    """Parameters of the run's model, without loading (or allocating) any weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.embedded:
+        from iris_ref import tiny
+
+        model_config = tiny.tiny_config(tiny.build_tiny_tokenizer())
+    else:
+        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def disk_estimate(config, parameters: int, prompts: int, mean_tokens: float) -> dict[str, float]:
+    """Bytes the run keeps on disk at its peak (see the module docstring)."""
+    models = config.iters + (1 if (config.sft_epochs > 0 or config.embedded) else 0)
+    optimizer_tensors = 1 if config.optimizer == "rmsprop" else 2
+    state = parameters * 4 * (1 + optimizer_tensors)
+    synthetic = config.iters * prompts * config.num_synthetic * (config.max_new_tokens * 8 + 64)  # text + ids, roughly
+    return {"checkpoints": models * parameters * 4.0, "trainer_state": 2.0 * state, "synthetic": float(synthetic),
+            "opponent_logps": config.iters * prompts * (1 + config.num_synthetic) * 12.0}
+
+
+def generator_choice(config) -> str:
+    from iris_ref import generation
+
+    if config.generator == "hf":
+        return "transformers (--generator hf)"
+    ok, reason = generation.vllm_available()
+    if ok and str(config.device).startswith("cuda"):
+        return "vLLM"
+    if config.generator == "vllm":
+        return f"vLLM requested but unavailable ({reason})"
+    return f"transformers ({'no CUDA' if ok else reason})"
+
+
+def print_plan(run, verdict: str) -> None:
+    """Print the plan of `run` (a `selfplay.Run` whose data is loaded)."""
+    config = run.config
+    parameters = count_parameters(config)
+    prompts = len(run.encoded)
+    steps = prompts // config.global_batch_size
+    annotated = sum(len(s.input_ids) for s in run.encoded) / prompts
+    prompt_tokens = sum(s.prompt_length for s in run.encoded) / prompts
+    # Synthetic responses are not known yet: assume they are as long as the annotated ones.
+    per_step = config.global_batch_size * (annotated + config.num_synthetic * annotated)
+    disk = disk_estimate(config, parameters, prompts, annotated)
+    free = shutil.disk_usage(_existing_parent(Path(config.output_dir))).free
+    what = {"fresh": "a new run", "resume": "resume the run there", "overwrite": "delete the run there and start afresh"}
+    lines = [
+        "dry run: the config, the model's config and tokenizer and the data are fine; nothing was written",
+        f"  output folder  {config.output_dir} ({what[verdict]})",
+        f"  model          {config.model or 'tiny (embedded default)'}: {parameters / 1e9:.3f}B parameters",
+        f"  data           {prompts} prompts; {len(run.heldout)} held-out rows",
+        f"  SFT warm-up    {config.sft_epochs} epochs x {steps} steps" + (
+            f", early stopping after {config.sft_patience} epochs without progress" if config.sft_patience else ""),
+        f"  self-play      {config.iters} iterations x {config.epochs} epochs x {steps} steps = "
+        f"{config.iters * config.epochs * steps} optimizer steps ({config.loss}, K = {config.num_synthetic})",
+        f"  per step       {config.global_batch_size} prompts x (1 + {config.num_synthetic}) sequences, about "
+        f"{per_step:,.0f} tokens (annotated: {annotated:.0f} tokens a sequence, {prompt_tokens:.0f} of them prompt)",
+        f"  generator      {generator_choice(config)}",
+        f"  disk at peak   {sum(disk.values()) / GB:.1f} GB: checkpoints {disk['checkpoints'] / GB:.1f}, trainer state "
+        f"{disk['trainer_state'] / GB:.1f} (two copies at most), synthetic data {disk['synthetic'] / GB:.2f}; "
+        f"{free / GB:.0f} GB free there",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
