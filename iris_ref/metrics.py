@@ -4,8 +4,10 @@ Names follow TRL/torchtune: `loss`, `rewards/real`, `rewards/synthetic`, `reward
 (mean over every (annotated, synthetic) pair of a prompt), `rewards/accuracies` (fraction of
 those pairs whose annotated reward is higher), `logps/real`, `logps/synthetic` (mean summed
 log-probs), `weights/ess_real`, `weights/ess_synthetic` (effective sample size 1/Σŵ² of the
-normalised |gradient weights|; at most the number of samples), then the trainer's `alpha`,
-`lr`, `grad_norm`, `tokens_per_s`, `padding_fraction`, `peak_memory_mb`, `step`, `epoch`.
+normalised |gradient weights|; at most the number of samples), then the trainer's `lr`,
+`grad_norm`, `tokens` (non-padding tokens of the step's training forwards, all ranks),
+`padding_fraction` (padding / all tokens computed), `step_seconds`, `tokens_per_s`,
+`peak_memory_mb`, `step`, `epoch`.
 
 `MetricsLog` appends one JSON line per step to `metrics.jsonl` (rank 0), and with
 `--report-to tensorboard` also writes TensorBoard scalars (tag = metric name, global step =

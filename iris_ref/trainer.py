@@ -157,7 +157,8 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            out.update(lr=float(lr), grad_norm=grad_norm, tokens_per_s=out.pop("tokens") / (time.perf_counter() - t0),
+            seconds = time.perf_counter() - t0
+            out.update(lr=float(lr), grad_norm=grad_norm, step_seconds=seconds, tokens_per_s=out["tokens"] / seconds,
                        peak_memory_mb=distributed.all_reduce_max(_peak_memory_mb(device)), step=step,
                        epoch=epoch + (k + 1) / steps_per_epoch)
             history.append(out)
@@ -201,7 +202,8 @@ class GlobalBatch:
     synthetic ones (prompt-major), with the objective that ties them together.
 
     `plan[r]` lists rank r's micro-batches (positions in that vector): all sequences sorted by
-    length, cut into world × accumulation chunks of equal count, dealt round-robin.
+    length and cut into world × accumulation chunks with the least padding (`least_padding_cuts`),
+    dealt round-robin.
     """
 
     def __init__(self, data: TrainingData, prompts: list[int], micro_batch_size: int):
@@ -210,9 +212,10 @@ class GlobalBatch:
         self.all = [data.real[i] for i in prompts] + [data.synthetic[j] for j in self.synthetic_index]
         world = distributed.get_world_size()
         chunks = world * (len(prompts) // (world * micro_batch_size))
-        size = len(self.all) // chunks
         by_length = sorted(range(len(self.all)), key=lambda i: (-len(self.all[i].input_ids), i))
-        self.plan = [[by_length[c * size:(c + 1) * size] for c in range(r, chunks, world)] for r in range(world)]
+        bounds = least_padding_cuts([len(self.all[i].input_ids) for i in by_length], chunks)
+        cut = [by_length[a:b] for a, b in zip(bounds, bounds[1:])]
+        self.plan = [cut[r::world] for r in range(world)]
 
     @property
     def micro_batches(self) -> list[list[int]]:
@@ -250,6 +253,39 @@ class GlobalBatch:
         computed = sum(len(ls) * max(ls) for ls in lengths)
         used, computed = distributed.all_reduce_sum(used), distributed.all_reduce_sum(computed)
         return {"tokens": used, "padding_fraction": 1.0 - used / computed}
+
+
+def least_padding_cuts(lengths: Sequence[int], chunks: int) -> list[int]:
+    """Cut points 0 = c_0 < ... < c_chunks = n of `lengths` (sorted longest first) that minimise the
+    padded size Σ (c_{k+1} − c_k)·lengths[c_k] of the chunks, each chunk no larger (padded) than
+    the largest chunk of an equal-count cut: as little padding as possible with the memory bound of
+    `micro_batch_size` prompts' worth of sequences. Dynamic programming, vectorised over the cut.
+    """
+    import numpy as np
+
+    n = len(lengths)
+    if not 1 <= chunks <= n:
+        raise ValueError(f"cannot cut {n} sequences into {chunks} micro-batches")
+    length = np.asarray(lengths, dtype=np.float64)
+    equal = [c * (n // chunks) for c in range(chunks)] + [n]
+    cap = max((b - a) * length[a] for a, b in zip(equal, equal[1:]))
+    start = np.arange(n)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((chunks + 1, n + 1), dtype=np.int64)
+    for c in range(1, chunks + 1):
+        new = np.full(n + 1, np.inf)
+        for j in range(c, n - (chunks - c) + 1):
+            cost = best[:j] + (j - start[:j]) * length[:j]
+            cost[(j - start[:j]) * length[:j] > cap] = np.inf
+            i = int(np.argmin(cost))
+            new[j], choice[c, j] = cost[i], i
+        best = new
+    cuts, j = [n], n
+    for c in range(chunks, 0, -1):
+        j = int(choice[c, j])
+        cuts.append(j)
+    return cuts[::-1]
 
 
 def make_optimizer(policy: nn.Module, name: str, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:

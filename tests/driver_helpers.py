@@ -18,7 +18,7 @@ SMALL = [
 ]
 
 # Numbers that must agree between two runs with the same seed (timings and memory excluded).
-TIMING_KEYS = ("tokens_per_s", "peak_memory_mb", "generation_seconds", "train_seconds", "checkpoint")
+TIMING_KEYS = ("tokens_per_s", "step_seconds", "peak_memory_mb", "generation_seconds", "train_seconds", "checkpoint")
 
 
 def small_config(output_dir, *extra: str):

@@ -1,0 +1,282 @@
+"""Training and opponent-pass throughput of the trainer as it runs, against a padding-free SFT step.
+
+    python bench/throughput.py                      # CPU, tiny model: ratios (bench/results/throughput.json)
+    python bench/throughput.py --device cuda --model-config bench/configs/qwen2.5-3b-shaped.json
+                                                    # GPU: also tokens/s, MFU, peak memory (gpu_throughput.json)
+
+What is measured, side by side in one process, on the same model and the same sequences:
+
+* **IRIS step**: `iris_ref.trainer.train` itself (the run's defaults: global batch 64 prompts,
+  micro-batch 8, K = 1, RMSprop, clipping, bf16 autocast and gradient checkpointing on CUDA),
+  i.e. the scoring pass, the global IRIS weights, the length-sorted micro-batches and their
+  real padding. Its `padding_fraction` is padding tokens / all tokens computed in training.
+* **Packed SFT step** ("speed of light" for this hardware): the same sequences, every one
+  trained on with plain NLL, packed without padding into rows of at most `max_length` tokens
+  (first-fit decreasing; transformers isolates packed sequences from `position_ids`), in as
+  many micro-batches as the IRIS step has, same optimizer and precision.
+* `ratio` = response tokens per second of the IRIS step / the same for the packed SFT step.
+  The scoring pass bounds it: one extra forward per step, about 1/3 of a forward+backward
+  without gradient checkpointing (ratio <= 0.75) and 1/4 with it (<= 0.8).
+* The opponent pass (`logprobs.score_sequences`: sorted by length, batched by a token budget)
+  against a packed no-grad forward of the same sequences, and its padding fraction.
+
+The length mix is UltraChat-like (DESIGN.md: ~40% padding when shuffled and padded): lognormal
+prompt lengths with median 120 tokens, annotated responses median 280, synthetic responses
+median 320 (sigma 0.8, 0.6, 0.6), capped at the run's limits (prompt 512, total 1024); token
+ids are random (throughput depends on shapes, not values). On CPU the tiny model's absolute
+times mean nothing; only the ratios are reported as results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import set_cpu_threads, synchronize, write_results  # noqa: E402
+
+MEDIANS = {"prompt": 120, "real": 280, "synthetic": 320}
+SIGMAS = {"prompt": 0.8, "real": 0.6, "synthetic": 0.6}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def length_mix(n: int, max_length: int, max_prompt_length: int, seed: int) -> list[tuple[int, int, int]]:
+    """(prompt, annotated response, synthetic response) lengths of n prompts (see the docstring)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p = int(min(max_prompt_length, max(8, rng.lognormal(math.log(MEDIANS["prompt"]), SIGMAS["prompt"]))))
+        r = int(min(max_length - p, max(2, rng.lognormal(math.log(MEDIANS["real"]), SIGMAS["real"]))))
+        s = int(min(max_length - p, max(2, rng.lognormal(math.log(MEDIANS["synthetic"]), SIGMAS["synthetic"]))))
+        out.append((p, r, s))
+    return out
+
+
+def make_data(lengths, vocab_size: int, seed: int):
+    import torch
+
+    from iris_ref.data import EncodedSequence
+    from iris_ref.trainer import TrainingData
+
+    g = torch.Generator().manual_seed(seed)
+    real, synthetic = [], []
+    for p, r, s in lengths:
+        prompt = torch.randint(1, vocab_size, (p,), generator=g).tolist()
+        real.append(EncodedSequence(prompt + torch.randint(1, vocab_size, (r,), generator=g).tolist(), p))
+        synthetic.append(EncodedSequence(prompt + torch.randint(1, vocab_size, (s,), generator=g).tolist(), p))
+    return TrainingData(real, synthetic)
+
+
+def pack(sequences, row_length: int) -> list[list[int]]:
+    """First-fit decreasing: indices of the sequences in each row of at most `row_length` tokens."""
+    rows, free = [], []
+    for i in sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids)):
+        n = len(sequences[i].input_ids)
+        for r, space in enumerate(free):
+            if n <= space:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - n)
+    return rows
+
+
+def packed_logps(model, sequences, rows, device, bf16: bool):
+    """Summed response log-probs of packed rows (no padding), through the model's own forward."""
+    import contextlib
+
+    import torch
+
+    from iris_ref.logprobs import DEFAULT_CHUNK_SIZE, _chunk_token_logps
+    from torch.utils.checkpoint import checkpoint
+
+    totals = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for row in rows:
+        ids = torch.tensor([t for i in row for t in sequences[i].input_ids], device=device)[None]
+        pos = torch.tensor([j for i in row for j in range(len(sequences[i].input_ids))], device=device)[None]
+        mask = torch.tensor([int(j >= sequences[i].prompt_length) for i in row
+                             for j in range(len(sequences[i].input_ids))], device=device)
+        # a row's first token of each sequence is a prompt token, so no target crosses a boundary
+        captured = []
+        hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+        with autocast:
+            model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
+        hook.remove()
+        hidden = captured[0][0, :-1][mask[1:].bool()]
+        targets = ids[0, 1:][mask[1:].bool()]
+        head = model.get_output_embeddings()
+        for start in range(0, len(targets), DEFAULT_CHUNK_SIZE):
+            chunk = slice(start, start + DEFAULT_CHUNK_SIZE)
+            with autocast:
+                args = (head, hidden[chunk], targets[chunk], None, None)
+                value = checkpoint(_chunk_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled() else \
+                    _chunk_token_logps(*args)
+            totals.append(value.sum())
+    return torch.stack(totals).sum()
+
+
+def measure(args) -> dict:
+    import torch
+
+    from iris_ref import distributed, trainer
+    from iris_ref.config import parse_config
+    from iris_ref.logprobs import score_sequences, token_budget_batches
+    from iris_ref.objectives import iris_loss
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    config = dataclasses.replace(
+        parse_config(["--model", "bench", "--device", "cpu"]), device=args.device, bf16=cuda,
+        gradient_checkpointing=cuda, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        max_length=args.max_length, max_prompt_length=args.max_prompt_length, save_minutes=1e9)
+    model = build_model(args, device)
+    vocab = model.config.vocab_size
+    steps = args.steps + 1  # the first step is a warm-up
+    n = config.global_batch_size * steps
+    lengths = length_mix(n, config.max_length, config.max_prompt_length, seed=0)
+    data = make_data(lengths, vocab, seed=1)
+    policy = distributed.prepare_model(model)
+    pad = 0
+    budget = config.micro_batch_size * 2 * config.max_length * 2  # the driver's opponent-pass budget
+    all_sequences = list(data.real) + list(data.synthetic)
+    scores = score_sequences(policy, all_sequences, pad, token_budget=budget, bf16=cuda)
+    data = dataclasses.replace(data, opponent_real=scores[:n].double(), opponent_synthetic=scores[n:].double())
+    response_tokens = sum(len(s.input_ids) - s.prompt_length for s in all_sequences) / steps  # per step, on average
+    all_tokens = sum(len(s.input_ids) for s in all_sequences) / steps
+
+    # --- the IRIS step as the trainer runs it ----------------------------------------------
+    records = []
+    objective = functools.partial(iris_loss, alpha=2.0, beta=0.1)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.train(policy, data, objective, config, pad_token_id=pad, epochs=1, learning_rate=1e-7,
+                  log=records.append, desc="IRIS steps")
+    iris_time = sum(r["step_seconds"] for r in records[1:])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()  # the trainer's epoch order
+    padding = sum(r["padding_fraction"] for r in records) / len(records)
+    peak_iris = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+
+    # --- the packed SFT step: same sequences, same micro-batch count, same optimizer ----------
+    accumulation = config.global_batch_size // config.micro_batch_size
+    optimizer = trainer.make_optimizer(policy, config.optimizer, 1e-7, 0.0)
+    sft_time = 0.0
+    with trainer.training_mode(policy, config.gradient_checkpointing):
+        for step in range(steps):
+            prompts = order[step * config.global_batch_size:(step + 1) * config.global_batch_size]  # the IRIS step's batch
+            sequences = [data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts]
+            rows = pack(sequences, config.max_length)
+            per = -(-len(rows) // accumulation)
+            synchronize(args.device)
+            t0 = time.perf_counter()
+            for j in range(0, len(rows), per):
+                (-packed_logps(model, sequences, rows[j:j + per], device, cuda) / response_tokens).backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(args.device)
+            if step:
+                sft_time += time.perf_counter() - t0
+
+    # --- the opponent pass against a packed no-grad forward --------------------------------
+    batches = token_budget_batches([len(s.input_ids) for s in all_sequences], budget)
+    computed = sum(len(b) * len(all_sequences[b[0]].input_ids) for b in batches)
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    score_sequences(policy, all_sequences, pad, token_budget=budget, bf16=cuda)
+    synchronize(args.device)
+    opponent_time = time.perf_counter() - t0
+    rows = pack(all_sequences, config.max_length)
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for j in range(0, len(rows), 8):
+            packed_logps(model, all_sequences, rows[j:j + 8], device, cuda)
+    synchronize(args.device)
+    packed_time = time.perf_counter() - t0
+
+    iris_step, sft_step = iris_time / args.steps, sft_time / args.steps
+    result = {
+        "settings": {"device": args.device, "model": args.model_config or "tiny", "steps_timed": args.steps,
+                     "global_batch_size": config.global_batch_size, "micro_batch_size": config.micro_batch_size,
+                     "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+                     "bf16": cuda, "gradient_checkpointing": cuda, "optimizer": config.optimizer,
+                     "length_medians": MEDIANS, "length_sigmas": SIGMAS},
+        "tokens_per_step": all_tokens, "response_tokens_per_step": response_tokens,
+        "training": {"padding_fraction": padding, "ratio": sft_step / iris_step,
+                     "iris_step_s": iris_step, "packed_sft_step_s": sft_step},
+        "opponent_pass": {"padding_fraction": 1 - sum(len(s.input_ids) for s in all_sequences) / computed,
+                          "ratio": packed_time / opponent_time, "seconds": opponent_time, "packed_seconds": packed_time},
+        "limits": "the scoring pass: one extra forward per optimizer step (THEORY.md I3), then padding",
+    }
+    if cuda:
+        params = sum(p.numel() for p in model.parameters())
+        body = params - model.get_output_embeddings().weight.numel()
+        d, layers = model.config.hidden_size, model.config.num_hidden_layers
+        attention = 12 * layers * d * sum(len(s.input_ids) ** 2 for s in all_sequences) / steps
+        flops = 6 * body * all_tokens + 6 * model.config.vocab_size * d * response_tokens + attention
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), args.peak_tflops)
+        result["gpu"] = {"name": name, "peak_tflops": peak, "iris_tokens_per_s": all_tokens / iris_step,
+                         "iris_mfu": flops / iris_step / (peak * 1e12), "packed_sft_mfu": flops / sft_step / (peak * 1e12),
+                         "peak_memory_gib": peak_iris, "parameters": params,
+                         "mfu_counts": "6*N_body*tokens + 6*V*d*response tokens + 12*L*d*sum(len^2): the training "
+                                       "forward+backward only (not the scoring pass, not checkpointing recompute)"}
+    return result
+
+
+def build_model(args, device):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    if args.model_config:
+        config = Qwen2Config(**json.loads(Path(args.model_config).read_text()))
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return model
+    from iris_ref.tiny import build_tiny_model, build_tiny_tokenizer
+
+    return build_tiny_model(build_tiny_tokenizer(), seed=0).to(device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-config", default=None, help="Qwen2 config JSON (random weights); default: the tiny model")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--global-batch-size", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-prompt-length", type=int, default=512)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of an unknown GPU")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="results name (default: throughput, or gpu_throughput on CUDA)")
+    args = parser.parse_args(argv)
+    set_cpu_threads(args.threads)
+    result = measure(args)
+    name = args.out or ("gpu_throughput" if args.device.startswith("cuda") else "throughput")
+    path = write_results(name, {"command": "python bench/throughput.py " + " ".join(argv or sys.argv[1:]), **result})
+    t, o = result["training"], result["opponent_pass"]
+    print(f"training: padding {t['padding_fraction']:.3f}, ratio to packed SFT {t['ratio']:.3f}; opponent pass: "
+          f"padding {o['padding_fraction']:.3f}, ratio {o['ratio']:.3f}  ({path})")
+    if "gpu" in result:
+        g = result["gpu"]
+        print(f"gpu: {g['iris_tokens_per_s']:,.0f} tokens/s, MFU {g['iris_mfu']:.3f} (packed SFT {g['packed_sft_mfu']:.3f}), "
+              f"peak memory {g['peak_memory_gib']:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
