@@ -4,15 +4,39 @@ Choices:
 
 * Data comes through ``datasets.load_dataset``: a hub name (with its ``split``) or a local
   ``.json``/``.jsonl``/``.parquet`` file (chosen by extension; the file becomes the requested
-  split). Rows need a ``messages`` column: a list of ``{"role", "content"}`` turns.
+  split).
+* Three column sets are accepted as annotated data, checked in this order (so a dataset
+  that has ``messages`` besides ``prompt``/``chosen`` is read through ``messages``):
+
+  - ``messages``: a list of ``{"role", "content"}`` turns;
+  - ``prompt`` + ``chosen`` (TRL's preference format; ``rejected`` and any other column is
+    ignored);
+  - ``prompt`` + ``completion`` (TRL's prompt-completion format; a ``label`` column, TRL's
+    unpaired preference format, is refused: its completions are not all good answers).
+
+  ``prompt``, ``chosen`` and ``completion`` are each a string or a list of turns (TRL's
+  "conversational" form). A string prompt is one user turn, a string chosen/completion is
+  the assistant response. A chosen/completion list that repeats the prompt's turns before
+  the assistant turn (as some datasets store it) has the repeat removed. Its last turn must
+  be an assistant turn. The prompt and response then make one conversation that is read like
+  a ``messages`` row, under the same ``first_turn`` rule (so with ``first_turn=True`` a
+  multi-turn prompt gives its first user turn and the assistant turn after it).
 * The prompt is every turn before the LAST assistant turn and the annotated response is that
   turn. With ``first_turn=True`` (SPIN's UltraChat setting) the prompt is the first user turn
   (plus a leading system turn, if any) and the response is the assistant turn right after it.
-* Invalid rows are skipped and counted by reason (only the turns that are used are checked);
-  an error is raised if nothing valid is left.
+* ``prompt`` + ``chosen`` rows that give the same example (prompt turns and response) are
+  kept once, the rest counted as ``duplicate``. Such rows differ only in ignored columns:
+  the project's own ``synthetic.jsonl`` has one row per sampled response (K per prompt), and
+  preference sets pair one chosen answer with several rejected ones. Loading them should
+  give each annotated example once, not K times. Rows of the other two formats are kept as
+  given, repeats included.
+* Invalid rows are skipped and counted by reason (see ``SkipCounts``; only the turns that
+  are looked at are checked); an error is raised if nothing valid is left.
 * One chat template for generation and training: ``prompt_ids`` is
-  ``apply_chat_template(prompt, add_generation_prompt=True)``, and a training sequence is
-  exactly those ids followed by the response ids and the template's end-of-turn token(s).
+  ``apply_chat_template(prompt, add_generation_prompt=True)``. An annotated training sequence
+  (``encode_pair``) is exactly those ids followed by the response ids and the template's
+  end-of-turn token(s). A sampled one (``encode_generated``) is those ids followed by exactly
+  the token ids the opponent sampled, never re-tokenised.
   The end-of-turn is read off the template itself (``<|im_end|>`` for Qwen, ``<|eot_id|>``
   for Llama 3), not assumed to be ``tokenizer.eos_token`` (a base Qwen2.5's eos is
   ``<|endoftext|>`` while its template ends turns with ``<|im_end|>``).
@@ -21,6 +45,7 @@ Choices:
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -29,6 +54,7 @@ import torch
 
 KNOWN_ROLES = ("system", "user", "assistant")
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ACCEPTED_FORMATS = "'messages'; 'prompt' + 'chosen' ('rejected' ignored); 'prompt' + 'completion'"
 
 
 @dataclass
@@ -39,18 +65,35 @@ class Example:
 
 @dataclass
 class SkipCounts:
-    """Rows skipped, by reason. ``too_long`` is filled in by callers of ``encode_pair``."""
+    """Rows skipped, by reason. ``too_long`` is filled in by callers of ``encode_pair``.
+
+    * ``not_a_list``: the conversation is not a list (``prompt``/``chosen``/``completion``:
+      neither a list nor a string), e.g. missing;
+    * ``bad_turn``: a turn looked at is not a dict with a ``role``;
+    * ``unknown_role``: a turn looked at has a role other than system/user/assistant;
+    * ``no_user_turn`` / ``no_assistant_turn``: no user turn in the prompt / no assistant
+      turn to answer it;
+    * ``bad_content``: a used turn's ``content`` is missing or not a string;
+    * ``empty_content``: a used turn's ``content`` is blank;
+    * ``duplicate``: a ``prompt`` + ``chosen`` row repeating an example already kept.
+    """
 
     not_a_list: int = 0
+    bad_turn: int = 0
+    unknown_role: int = 0
     no_user_turn: int = 0
     no_assistant_turn: int = 0
+    bad_content: int = 0
     empty_content: int = 0
-    unknown_role: int = 0
+    duplicate: int = 0
     too_long: int = 0
 
     @property
     def total(self) -> int:
         return sum(getattr(self, f.name) for f in fields(self))
+
+    def add(self, reason: str) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
 
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name)]
@@ -126,75 +169,196 @@ def _load_rows(source: str, split: str):
         raise ValueError(f"cannot load dataset {source!r} (split {split!r}): {_first_line(error)}") from None
 
 
-def _is_turn(turn) -> bool:
-    return isinstance(turn, dict) and "role" in turn and "content" in turn
+def _turn_problem(turn) -> str | None:
+    """Why a turn cannot even be read for its role (its content is checked separately, and
+    only where the turn is used), or None."""
+    # Parquet and Arrow give every turn every key seen in the column, so a missing role
+    # arrives as None.
+    if not isinstance(turn, dict) or turn.get("role") is None:
+        return "bad_turn"
+    if turn["role"] not in KNOWN_ROLES:
+        return "unknown_role"
+    return None
 
 
-def _has_content(turn: dict) -> bool:
-    return isinstance(turn["content"], str) and turn["content"].strip() != ""
+def _content_problem(turn: dict) -> str | None:
+    content = turn.get("content")
+    if not isinstance(content, str):
+        return "bad_content"
+    if not content.strip():
+        return "empty_content"
+    return None
+
+
+def _first_exchange(messages: list) -> tuple[tuple[list, dict] | None, str | None]:
+    """The first user turn (with a leading system turn) and the answer right after it.
+
+    Turns are looked at up to that answer: one with an unknown role before the first user
+    turn may be the real user turn (e.g. ShareGPT's ``human``), so it is reported, not
+    stepped over."""
+    for index, turn in enumerate(messages):
+        reason = _turn_problem(turn)
+        if reason is not None:
+            return None, reason
+        if turn["role"] == "user":
+            break
+    else:
+        return None, "no_user_turn"
+    if index + 1 == len(messages):
+        return None, "no_assistant_turn"
+    answer = messages[index + 1]
+    reason = _turn_problem(answer)
+    if reason is not None:
+        return None, reason
+    if answer["role"] != "assistant":
+        return None, "no_assistant_turn"
+    system = [messages[0]] if index > 0 and messages[0]["role"] == "system" else []
+    return (system + [messages[index]], answer), None
+
+
+def _last_response(messages: list) -> tuple[tuple[list, dict] | None, str | None]:
+    """Every turn before the last assistant turn, and that turn. Turns after it are unused
+    (their roles are not checked), but a malformed one anywhere hides whether it is the
+    last assistant turn."""
+    problems = [_turn_problem(turn) for turn in messages]
+    if "bad_turn" in problems:
+        return None, "bad_turn"
+    roles = [turn["role"] for turn in messages]
+    if "assistant" not in roles:
+        # An unknown role may be the assistant under another name (e.g. ShareGPT's "gpt").
+        return None, "unknown_role" if "unknown_role" in problems else "no_assistant_turn"
+    index = len(roles) - 1 - roles[::-1].index("assistant")
+    if "unknown_role" in problems[:index]:
+        return None, "unknown_role"
+    if "user" not in roles[:index]:
+        return None, "no_user_turn"
+    return (messages[:index], messages[index]), None
 
 
 def select_turns(messages, first_turn: bool) -> tuple[Example | None, str | None]:
-    """Split one conversation into (prompt turns, response), or name why it is skipped."""
-    if not isinstance(messages, list) or not messages or not all(_is_turn(t) for t in messages):
+    """Split one conversation into (prompt turns, response), or name why it is skipped
+    (a ``SkipCounts`` field)."""
+    if not isinstance(messages, list):
         return None, "not_a_list"
-    roles = [turn["role"] for turn in messages]
-    if first_turn:
-        if "user" not in roles:
-            return None, "no_user_turn"
-        user_index = roles.index("user")
-        if user_index + 1 >= len(messages) or roles[user_index + 1] != "assistant":
-            return None, "no_assistant_turn"
-        prompt = ([messages[0]] if roles[0] == "system" else []) + [messages[user_index]]
-        response_turn = messages[user_index + 1]
-    else:
-        if "assistant" not in roles:
-            return None, "no_assistant_turn"
-        response_index = len(roles) - 1 - roles[::-1].index("assistant")
-        prompt = messages[:response_index]
-        response_turn = messages[response_index]
-        if "user" not in roles[:response_index]:
-            return None, "no_user_turn"
-    used = prompt + [response_turn]
-    if any(turn["role"] not in KNOWN_ROLES for turn in used):
-        return None, "unknown_role"
-    if not all(_has_content(turn) for turn in used):
-        return None, "empty_content"
+    picked, reason = _first_exchange(messages) if first_turn else _last_response(messages)
+    if picked is None:
+        return None, reason
+    prompt, response_turn = picked
+    for turn in prompt + [response_turn]:
+        reason = _content_problem(turn)
+        if reason is not None:
+            return None, reason
     prompt_messages = [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
     return Example(prompt_messages=prompt_messages, response=response_turn["content"]), None
+
+
+def _as_turns(value, role: str) -> list | None:
+    """A ``prompt``/``chosen``/``completion`` value as turns: a string is one turn of
+    ``role``, a list is taken as turns; None for anything else."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return value if isinstance(value, list) else None
+
+
+def _same_turn(a, b) -> bool:
+    # Role and content only: Arrow adds the column's other keys (as None) to every turn.
+    return (isinstance(a, dict) and isinstance(b, dict)
+            and (a.get("role"), a.get("content")) == (b.get("role"), b.get("content")))
+
+
+def join_prompt_response(prompt, response) -> tuple[list | None, str | None]:
+    """One conversation from a ``prompt`` value and a ``chosen``/``completion`` value, or the
+    ``SkipCounts`` reason it cannot be made."""
+    prompt_turns = _as_turns(prompt, "user")
+    response_turns = _as_turns(response, "assistant")
+    if prompt_turns is None or response_turns is None:
+        return None, "not_a_list"
+    n = len(prompt_turns)
+    if n and len(response_turns) > n and all(map(_same_turn, prompt_turns, response_turns)):
+        response_turns = response_turns[n:]
+    # The response must be the row's own last turn: otherwise the last-assistant rule
+    # (first_turn=False) would take an assistant turn of the prompt as the answer.
+    if not response_turns:
+        return None, "no_assistant_turn"
+    reason = _turn_problem(response_turns[-1])
+    if reason is not None:
+        return None, reason
+    if response_turns[-1]["role"] != "assistant":
+        return None, "no_assistant_turn"
+    return prompt_turns + response_turns, None
+
+
+def _format_of(source: str, columns: list[str]) -> tuple[str, ...]:
+    """The columns that hold the conversation, by the accepted formats in order of priority;
+    ValueError (one line) if none fits."""
+    if "messages" in columns:
+        return ("messages",)
+    if "prompt" in columns and "chosen" in columns:
+        return ("prompt", "chosen")
+    if "prompt" in columns and "completion" in columns:
+        if "label" in columns:
+            raise ValueError(
+                f"dataset {source} has 'prompt', 'completion' and 'label' columns (TRL's unpaired preference "
+                f"format): its completions are not all annotated answers; keep the rows labelled true and drop 'label'"
+            )
+        return ("prompt", "completion")
+    raise ValueError(
+        f"dataset {source} has no 'messages' column (columns: {', '.join(columns)}); "
+        f"accepted formats: {ACCEPTED_FORMATS}"
+    )
+
+
+def _row_example(values: tuple, first_turn: bool) -> tuple[Example | None, str | None]:
+    if len(values) == 1:
+        return select_turns(values[0], first_turn)
+    conversation, reason = join_prompt_response(*values)
+    if conversation is None:
+        return None, reason
+    return select_turns(conversation, first_turn)
+
+
+def _example_key(example: Example) -> tuple:
+    return tuple((t["role"], t["content"]) for t in example.prompt_messages), example.response
 
 
 def load_examples(
     source: str, split: str = "train", num_samples: int | None = None, seed: int = 0, first_turn: bool = True
 ) -> tuple[list[Example], SkipCounts]:
-    """Load, validate and subsample a ``messages`` dataset.
+    """Load, validate and subsample an annotated dataset (any accepted format, see the module
+    docstring).
 
     With ``num_samples`` set, rows are visited in a seeded random order until
-    ``num_samples`` valid examples are found (so the counts cover the rows looked at); the
-    examples are returned in the dataset's order. Raises ``ValueError`` (one line naming
-    the source and the counts) for missing, unreadable or empty data and when no valid row
-    is left.
+    ``num_samples`` valid examples are found (so the counts cover the rows looked at; a
+    duplicate does not count as a new example); the examples are returned in the dataset's
+    order. Raises ``ValueError`` (one line naming the source and the problem) for missing,
+    unreadable or empty data, for columns of no accepted format and when no valid row is
+    left.
     """
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     dataset = _load_rows(source, split)
     if len(dataset) == 0:
         raise ValueError(f"dataset {source} (split {split!r}) is empty")
-    if "messages" not in dataset.column_names:
-        raise ValueError(
-            f"dataset {source} has no 'messages' column (columns: {', '.join(dataset.column_names)})"
-        )
-    messages_column = dataset["messages"]
+    names = _format_of(source, dataset.column_names)
+    columns = [dataset[name] for name in names]
+    keep_once = names == ("prompt", "chosen")
     order = range(len(dataset))
     if num_samples is not None and num_samples < len(dataset):
         order = np.random.default_rng(seed).permutation(len(dataset)).tolist()
     counts = SkipCounts()
+    seen: set[tuple] = set()
     chosen: list[tuple[int, Example]] = []
     for index in order:
-        example, reason = select_turns(messages_column[index], first_turn)
+        example, reason = _row_example(tuple(column[index] for column in columns), first_turn)
         if example is None:
-            setattr(counts, reason, getattr(counts, reason) + 1)
+            counts.add(reason)
             continue
+        if keep_once:
+            key = _example_key(example)
+            if key in seen:
+                counts.add("duplicate")
+                continue
+            seen.add(key)
         chosen.append((index, example))
         if num_samples is not None and len(chosen) == num_samples:
             break
@@ -254,30 +418,74 @@ def stop_token_ids(tokenizer) -> list[int]:
     return stops
 
 
+def _prompt_that_fits(tokenizer, prompt_messages, max_length: int, max_prompt_length: int) -> list[int] | None:
+    """The prompt ids, or None if the prompt exceeds ``max_prompt_length`` or leaves no room
+    for a response token within ``max_length``."""
+    if max_length <= 0 or max_prompt_length <= 0:
+        raise ValueError(f"max_length and max_prompt_length must be positive, got {max_length}, {max_prompt_length}")
+    prompt = prompt_ids(tokenizer, prompt_messages)
+    if len(prompt) > max_prompt_length or len(prompt) >= max_length:
+        return None
+    return prompt
+
+
 def encode_pair(
     tokenizer, prompt_messages: list[dict], response: str, max_length: int, max_prompt_length: int,
     *, end_of_turn: bool = True,
 ) -> EncodedSequence | None:
     """Prompt ids + response ids + end-of-turn ids; None if the prompt is too long.
 
-    ``end_of_turn=False`` leaves the end-of-turn ids out: for a synthetic response that the
-    opponent did not finish (cut at ``max_new_tokens``), so that the scored sequence is one
-    the opponent actually produced.
+    For annotated (text) responses. A response the model sampled is encoded with
+    ``encode_generated`` instead, from its token ids. ``end_of_turn=False`` leaves the
+    end-of-turn ids out (for a text response that was cut before its end).
 
     The prompt is too long if it exceeds ``max_prompt_length`` or leaves no room for a
     response token within ``max_length``. A response that does not fit is truncated (its
     end-of-turn token then falls off too), as in TRL's DPO/SPIN trainers.
     """
-    if max_length <= 0 or max_prompt_length <= 0:
-        raise ValueError(f"max_length and max_prompt_length must be positive, got {max_length}, {max_prompt_length}")
-    prompt = prompt_ids(tokenizer, prompt_messages)
-    if len(prompt) > max_prompt_length or len(prompt) >= max_length:
+    prompt = _prompt_that_fits(tokenizer, prompt_messages, max_length, max_prompt_length)
+    if prompt is None:
         return None
     response_ids = tokenizer.encode(response, add_special_tokens=False)
     if end_of_turn:
         response_ids += end_of_turn_ids(tokenizer)
     ids = (prompt + response_ids)[:max_length]
     return EncodedSequence(input_ids=ids, prompt_length=len(prompt))
+
+
+def _token_id_list(token_ids) -> list[int]:
+    """Plain ints (from a list, a JSON row, numpy or torch); ValueError (one line) for a
+    non-integer or negative id, which would otherwise fail deep inside the model."""
+    try:
+        ids = [operator.index(token) for token in token_ids]
+    except TypeError as error:
+        raise ValueError(f"response token ids must be integers: {error}") from None
+    if any(token < 0 for token in ids):
+        raise ValueError(f"response token ids must be non-negative, got {min(ids)}")
+    return ids
+
+
+def encode_generated(
+    tokenizer, prompt_messages: list[dict], response_token_ids, max_length: int, max_prompt_length: int,
+) -> EncodedSequence | None:
+    """Prompt ids + exactly the token ids the model sampled; None if there is nothing to train on.
+
+    The prompt ids are ``prompt_ids`` (the ids generation fed the model). The response ids are
+    used as given: with the stop token the model emitted, if it emitted one, and nothing
+    appended (a response cut at ``max_new_tokens`` has no end-of-turn), never decoded and
+    re-tokenised (text -> ids is not the inverse of ids -> text, so re-tokenising would score
+    a sequence the model did not sample). The sequence is truncated to ``max_length``.
+
+    None when the prompt is too long (the rule of ``encode_pair``) or when the response has
+    no tokens. So every returned sequence has at least one response token and is fit for
+    ``collate``; callers skip a None. For a prompt whose annotated pair encoded, None means
+    the response was empty.
+    """
+    response = _token_id_list(response_token_ids)
+    prompt = _prompt_that_fits(tokenizer, prompt_messages, max_length, max_prompt_length)
+    if prompt is None or not response:
+        return None
+    return EncodedSequence(input_ids=(prompt + response)[:max_length], prompt_length=len(prompt))
 
 
 def collate(sequences: list[EncodedSequence], pad_token_id: int) -> dict[str, torch.Tensor]:

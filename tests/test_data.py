@@ -11,6 +11,7 @@ from iris_ref.data import (
     EncodedSequence,
     SkipCounts,
     collate,
+    encode_generated,
     encode_pair,
     end_of_turn_ids,
     load_examples,
@@ -87,7 +88,8 @@ def test_skip_counts_per_reason(tmp_path):
         {"messages": [turn("system", "s"), turn("user", "q2"), turn("assistant", "a2")]},
     ]
     examples, counts = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), first_turn=False)
-    assert counts == SkipCounts(not_a_list=3, no_user_turn=1, no_assistant_turn=1, empty_content=3, unknown_role=1)
+    assert counts == SkipCounts(not_a_list=1, bad_turn=1, no_user_turn=1, no_assistant_turn=2, empty_content=2,
+                                bad_content=1, unknown_role=1)
     assert counts.total == 9
     assert [e.response for e in examples] == ["hello", "a2"]
     assert examples[1].prompt_messages == [turn("system", "s"), turn("user", "q2")]
@@ -246,3 +248,78 @@ def test_unfinished_responses_get_no_end_of_turn(tokenizer):
     eot = end_of_turn_ids(tokenizer)
     assert finished.input_ids == unfinished.input_ids + eot
     assert finished.prompt_length == unfinished.prompt_length
+
+
+# --- sampled responses, token for token -------------------------------------------------------
+
+
+def test_generated_sequence_is_what_the_model_was_fed_and_sampled(tokenizer, tiny_checkpoint):
+    """The training sequence of a sampled response is the generation input followed by the
+    sampled ids, up to and including the stop token, with nothing re-tokenised or appended."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    stops = stop_token_ids(tokenizer)
+    for index, conversation in enumerate(CONVERSATIONS):
+        fed = prompt_ids(tokenizer, conversation)
+        stopped = index % 2 == 0  # the random model never stops by itself: force the stop on some
+        torch.manual_seed(index)
+        with torch.no_grad():
+            output = model.generate(torch.tensor([fed]), attention_mask=torch.ones(1, len(fed), dtype=torch.long),
+                                    do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=stops,
+                                    pad_token_id=stops[0], forced_eos_token_id=stops[0] if stopped else None
+                                    )[0].tolist()
+        assert output[: len(fed)] == fed
+        sampled = output[len(fed) :]
+        cut = next((i + 1 for i, token in enumerate(sampled) if token in stops), len(sampled))
+        sampled = sampled[:cut]  # through the stop token, as generation reports it
+        assert (sampled[-1] in stops) == stopped
+        encoded = encode_generated(tokenizer, conversation, sampled, max_length=256, max_prompt_length=200)
+        assert encoded.input_ids == fed + sampled
+        assert encoded.prompt_length == len(fed)
+
+
+def test_generated_ids_are_not_retokenised_and_get_no_end_of_turn(tokenizer):
+    prompt = [turn("user", "Give two digits that add up to 11.")]
+    fed = prompt_ids(tokenizer, prompt)
+    # A token spelled out character by character: decoding and re-encoding would merge it.
+    word = next(t for t in tokenizer.get_vocab() if len(t) >= 3 and t.isalpha() and t.isascii()
+                and all(tokenizer.convert_tokens_to_ids(c) != tokenizer.unk_token_id for c in t))
+    spelled = [tokenizer.convert_tokens_to_ids(c) for c in word]
+    assert tokenizer.encode(tokenizer.decode(spelled), add_special_tokens=False) != spelled
+    eot = end_of_turn_ids(tokenizer)
+    unfinished = encode_generated(tokenizer, prompt, spelled, 64, 32)
+    assert unfinished.input_ids == fed + spelled
+    finished = encode_generated(tokenizer, prompt, spelled + eot, 64, 32)
+    assert finished.input_ids == fed + spelled + eot
+    import numpy as np
+
+    assert encode_generated(tokenizer, prompt, np.array(spelled), 64, 32) == unfinished
+    assert encode_generated(tokenizer, prompt, torch.tensor(spelled), 64, 32) == unfinished
+
+
+def test_generated_truncation_too_long_prompt_and_empty_response(tokenizer):
+    prompt = [turn("user", "Give two digits that add up to 11.")]
+    n = len(prompt_ids(tokenizer, prompt))
+    response = list(range(10, 30))
+    cut = encode_generated(tokenizer, prompt, response, max_length=n + 3, max_prompt_length=n)
+    assert cut.input_ids == prompt_ids(tokenizer, prompt) + response[:3] and cut.prompt_length == n
+    # The prompt rule of encode_pair.
+    assert encode_generated(tokenizer, prompt, response, max_length=100, max_prompt_length=n - 1) is None
+    assert encode_generated(tokenizer, prompt, response, max_length=n, max_prompt_length=n) is None
+    assert encode_pair(tokenizer, prompt, "a", max_length=n, max_prompt_length=n) is None
+    one = encode_generated(tokenizer, prompt, response[:1], max_length=n + 1, max_prompt_length=n)
+    assert len(one.input_ids) == n + 1
+    # Nothing sampled: nothing to train on, and never a sequence collate would refuse.
+    assert encode_generated(tokenizer, prompt, [], max_length=100, max_prompt_length=n) is None
+    collate([cut, one], pad_token_id=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        encode_generated(tokenizer, prompt, response, max_length=0, max_prompt_length=10)
+
+
+@pytest.mark.parametrize("bad, pattern", [([1, 2.5], "must be integers"), ([3, -1], "non-negative, got -1"),
+                                          (["5"], "must be integers")])
+def test_generated_ids_must_be_token_ids(tokenizer, bad, pattern):
+    with pytest.raises(ValueError, match=pattern) as error:
+        encode_generated(tokenizer, [turn("user", "q")], bad, 64, 32)
+    assert "\n" not in str(error.value)
