@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.resources
 import importlib.util
 import json
 import math
@@ -52,7 +53,9 @@ SCALAR_CONSTANTS = {
 }
 DEFAULT_TOLERANCE = {"float64": 1e-10, "float32": 1e-3}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parent.parent / "theory_tests" / "golden"
+# The golden vectors ship inside the package (package data "golden/*.json"), so the audit
+# works from any folder after `pip install .`, not only from a checkout.
+DEFAULT_GOLDEN_DIR = importlib.resources.files("iris_ref") / "golden"
 WEIGHT_SELECTIONS = ("all", "uniform", "weighted")
 _UNSET = object()  # --reward-bound not given (None means "the unbounded cases")
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,12 +97,37 @@ WRONG_VARIANTS = {
 # The reference passes
 
 
-def test_cli_passes_the_reference_in_a_subprocess(tmp_path):
-    """`python -m iris_ref.audit` on the reference IRIS loss exits 0, reports every case as passing and writes a JSON report."""
-    report_path = tmp_path / "report.json"
+def _installed_copy(site: Path) -> Path:
+    """Copy iris_ref into ``site`` as `pip install .` would: the package's modules and the
+    package-data globs of pyproject.toml, nothing else of the repository."""
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = config.get("tool", {}).get("setuptools", {}).get("package-data", {}).get("iris_ref", [])
+    source = REPO_ROOT / "iris_ref"
+    files = list(source.glob("*.py")) + [path for pattern in globs for path in source.glob(pattern)]
+    for path in files:
+        target = site / "iris_ref" / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return site / "iris_ref"
+
+
+def test_cli_passes_the_reference_in_a_subprocess_when_installed(tmp_path):
+    """From an unrelated folder, with only what the package ships (its modules and package data),
+    `python -m iris_ref.audit` on the reference IRIS loss exits 0, reads the golden vectors
+    inside the package, reports every case as passing and writes a JSON report."""
+    package = _installed_copy(tmp_path / "site")
+    assert sorted(p.name for p in (package / "golden").glob("*.json")) == ["iris.json", "space.json", "spif.json", "spin.json"], (
+        "the golden vectors must lie in iris_ref/golden/ and pyproject.toml must ship them: "
+        "[tool.setuptools.package-data] iris_ref = [..., \"golden/*.json\"]"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    report_path = elsewhere / "report.json"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     completed = subprocess.run(
         [sys.executable, "-m", "iris_ref.audit", "--impl", "iris_ref.objectives:iris_loss", "--objective", "iris", "--json", str(report_path)],
-        cwd=REPO_ROOT,
+        cwd=elsewhere,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -110,6 +138,7 @@ def test_cli_passes_the_reference_in_a_subprocess(tmp_path):
     assert "largest absolute errors" in completed.stdout
     report = json.loads(report_path.read_text())
     assert report["passed"] is True and len(report["results"]) == n_cases
+    assert Path(report["golden"]).resolve() == (package / "golden" / "iris.json").resolve()
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))

@@ -1,7 +1,8 @@
 """I4: the reference objectives agree with the golden vectors, and the golden vectors are sound.
 
-The golden vectors (theory_tests/golden/*.json) are computed by make_golden.py in 60-digit
-mpmath from the formulas of THEORY.md §2 written out independently of iris_ref. Here every
+The golden vectors (iris_ref/golden/*.json, package data) are computed by
+theory_tests/golden/make_golden.py in 60-digit mpmath from the formulas of THEORY.md §2
+written out independently of iris_ref. Here every
 case is evaluated in float64 by `iris_ref.objectives` and compared with abs/rel tolerance 1e-10
 on the loss, the returned weights, the rewards and the autograd gradients. The remaining
 tests check that the vectors are what they claim to be: reproducible byte for byte, computed
@@ -21,14 +22,15 @@ import torch
 from iris_ref.objectives import get_objective
 from theory_tests.mutants import MUTANTS
 
-GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+GENERATOR = Path(__file__).resolve().parent / "golden" / "make_golden.py"
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "iris_ref" / "golden"
 OBJECTIVE_NAMES = ("iris", "spin", "space", "spif")
 LOGP_NAMES = ("policy_real_logps", "policy_synthetic_logps", "opponent_real_logps", "opponent_synthetic_logps")
 RTOL = ATOL = 1e-10
 
 
 def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN_DIR / "make_golden.py")
+    spec = importlib.util.spec_from_file_location("make_golden", GENERATOR)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -119,7 +121,7 @@ def test_regenerating_golden_vectors_is_byte_identical(tmp_path):
 
 def test_generator_does_not_import_iris_ref():
     """The golden values come from an independent formula: make_golden.py imports nothing from iris_ref."""
-    tree = ast.parse((GOLDEN_DIR / "make_golden.py").read_text(encoding="utf-8"))
+    tree = ast.parse(GENERATOR.read_text(encoding="utf-8"))
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -1,7 +1,9 @@
 """Generate the golden vectors of the four objectives in 60-digit arithmetic.
 
 Run ``python theory_tests/golden/make_golden.py`` (optionally ``--out DIR``) to regenerate
-``iris.json``, ``spin.json``, ``space.json`` and ``spif.json`` next to this file.
+``iris.json``, ``spin.json``, ``space.json`` and ``spif.json`` in ``iris_ref/golden/``: they are
+package data of iris_ref (the audit tool reads them from an installed package), while this
+generator stays with the tests, outside the package it must not depend on.
 
 Independence: this file never imports ``iris_ref``. The formulas of THEORY.md §2 are written
 out again here, directly in mpmath, in their plainest textbook form (no log-sum-exp shift, no
@@ -55,6 +57,8 @@ SPIF_BOUNDS = {"zero": 1.0, "small": 5e-4, "large": 25.0}
 
 OBJECTIVES = ("iris", "spin", "space", "spif")
 FILE_FORMAT_VERSION = 1
+# Where the vectors live: inside the package, beside the audit that reads them.
+DEFAULT_OUT = Path(__file__).resolve().parent.parent.parent / "iris_ref" / "golden"
 
 FORMULAS = {
     "iris": "L = -1/(alpha-1) * log sum_i pi_i exp((alpha-1) r_i) + 1/alpha * log sum_j rho_j exp(alpha r'_j); "
@@ -345,7 +349,7 @@ def write_golden(out_dir: Path, objectives=OBJECTIVES) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output directory (default: beside this file)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: iris_ref/golden of this checkout)")
     args = parser.parse_args(argv)
     for path in write_golden(args.out):
         print(f"wrote {path} ({path.stat().st_size} bytes)")
