@@ -267,10 +267,38 @@ def _float_list(values) -> list[float]:
     return [float(v) for v in values]
 
 
+def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):  # str(SystemExit(None)) is empty; say what happened
+        return f"SystemExit({exc.code!r}): the audited code called sys.exit"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _run_foreign(fn: Callable, inputs: list[torch.Tensor], kwargs: dict):
+    """Everything that executes the audited code: the call, reading the loss and weights off its
+    output (a property can run code), and the backward pass (custom autograd functions).
+    Returns (loss, grad_real, grad_synthetic, returned weights or None)."""
+    policy_real, policy_synthetic = inputs[0], inputs[1]
+    output = fn(*inputs, **kwargs)
+    loss = _extract_loss(output)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"the loss must be a one-element tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+    loss = loss.reshape(())
+    if not loss.requires_grad:
+        raise TypeError("the loss does not depend differentiably on the policy log-probs")
+    grad_real, grad_synthetic = torch.autograd.grad(loss, [policy_real, policy_synthetic], allow_unused=True)
+    # an input the loss ignores has gradient zero, which is what autograd's None means here
+    if grad_real is None:
+        grad_real = torch.zeros_like(policy_real)
+    if grad_synthetic is None:
+        grad_synthetic = torch.zeros_like(policy_synthetic)
+    return loss, grad_real, grad_synthetic, _returned_weights(output)
+
+
 def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, atol: float, arg_map: Mapping) -> CaseResult:
     """Run ``fn`` on one golden case and compare value, gradients and returned weights."""
     inputs = [torch.tensor(case["inputs"][k], dtype=dtype) for k in LOGP_NAMES]
-    policy_real, policy_synthetic = inputs[0].requires_grad_(), inputs[1].requires_grad_()
+    inputs[0].requires_grad_()
+    inputs[1].requires_grad_()
     kwargs = {arg_map.get(k, k): v for k, v in case["constants"].items() if v is not None}
     for k, v in case["weights"].items():
         kwargs[arg_map.get(k, k)] = torch.tensor(v, dtype=dtype)
@@ -278,24 +306,16 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
     expected = case["expected"]
     beta = float(case["constants"]["beta"])
     try:
-        output = fn(*inputs, **kwargs)
-        loss = _extract_loss(output)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"the loss must be a one-element tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
-        loss = loss.reshape(())
-        if not loss.requires_grad:
-            raise TypeError("the loss does not depend differentiably on the policy log-probs")
-        grad_real, grad_synthetic = torch.autograd.grad(loss, [policy_real, policy_synthetic], allow_unused=True)
-    except Exception as exc:  # the audited code may raise anything; report it as this case's failure
-        message = f"{type(exc).__name__}: {exc}"
+        loss, grad_real, grad_synthetic, returned = _run_foreign(fn, inputs, kwargs)
+    except KeyboardInterrupt:  # the user stopping the audit, not a property of the audited code
+        raise
+    except BaseException as exc:  # anything else fails this case, SystemExit included: a
+        # sys.exit(0) in the audited code must not end the audit with status 0, read as a pass
+        message = _describe_exception(exc)
         if isinstance(exc, TypeError) and "keyword argument" in str(exc):
             message += " (rename keywords with --arg-map / arg_map)"
         result.error = message
         return result
-    if grad_real is None:
-        grad_real = torch.zeros_like(policy_real)
-    if grad_synthetic is None:
-        grad_synthetic = torch.zeros_like(policy_synthetic)
     a = _float_list(expected["real_weights"])
     b = _float_list(expected["synthetic_weights"])
     checks = [
@@ -303,7 +323,6 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
         ("dloss/dpolicy_real", grad_real, [-beta * x for x in a]),
         ("dloss/dpolicy_synthetic", grad_synthetic, [beta * x for x in b]),
     ]
-    returned = _returned_weights(output)
     if returned is not None:
         checks += [("real_weights", returned[0], a), ("synthetic_weights", returned[1], b)]
     try:

@@ -232,6 +232,33 @@ def test_errors_of_the_audited_function_are_reported_per_case():
     json.dumps(report.to_dict())
 
 
+@pytest.mark.parametrize("code", [0, None, "bye"])
+def test_sys_exit_in_the_audited_function_fails_the_case(code, tmp_path, capsys):
+    """`sys.exit(0)` inside the audited code is a failing case with its message, in the Python
+    API and on the command line (where it used to end the audit silently with status 0)."""
+
+    def exits(*args, **kwargs):
+        sys.exit(code)
+
+    report = audit(exits, "spin")
+    assert not report.passed and all(r.error.startswith("SystemExit") for r in report.results)
+    module = tmp_path / "exiting_loss.py"
+    module.write_text(f"import sys\ndef loss(*args, **kwargs):\n    sys.exit({code!r})\n")
+    status = main(["--impl", f"{module}:loss", "--objective", "spin"])
+    out = capsys.readouterr().out
+    assert status == 1 and "SystemExit" in out and "FAIL: 0/" in out
+
+
+def test_keyboard_interrupt_still_stops_the_audit():
+    """Ctrl-C is the one exception not caught per case: it stops the audit."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        audit(interrupted, "spin")
+
+
 def test_non_finite_values_fail_and_the_json_report_stays_valid():
     """NaN or inf never passes, and the JSON report records it without producing invalid JSON."""
     report = audit(lambda *a, **k: iris_loss(*a, **k).loss * float("nan"), "iris", constants={"alpha": 0.5})
