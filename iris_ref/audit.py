@@ -212,15 +212,23 @@ def _returned_weights(output):
 
 @dataclass
 class Comparison:
-    """Error of one checked quantity (scalar or vector) against its expected value."""
+    """Error of one checked quantity (scalar or vector) against its expected value.
+
+    ``worst_index`` is the element closest to failing (largest ratio); ``actual``, ``expected``,
+    ``abs_error`` and ``rel_error`` all describe that one element, so a printed line never mixes
+    the values of one element with the relative error of another. ``rel_error`` is
+    |actual - expected| / |expected|, and None where the expected value is exactly 0 (the loss
+    at policy = opponent, a clamped SPIF weight): there only the absolute error means anything.
+    """
 
     quantity: str
-    max_abs_error: float
-    max_rel_error: float
-    worst_index: int | None
-    ratio: float  # largest |error| / (atol + rtol*|expected|); > 1 fails, inf if not finite
-    actual: float | None  # the value at the worst index
+    worst_index: int | None  # None for the scalar loss
+    ratio: float  # |error| / (atol + rtol*|expected|) at worst_index; > 1 fails, inf if not finite
+    actual: float
     expected: float
+    abs_error: float  # inf if actual is not finite
+    rel_error: float | None
+    max_abs_error: float  # over the whole vector, for the report's "largest absolute errors"
 
     @property
     def passed(self) -> bool:
@@ -232,20 +240,20 @@ def compare(quantity: str, actual: torch.Tensor, expected: list[float], rtol: fl
     expected_t = torch.tensor(expected, dtype=torch.float64).reshape(-1)
     if actual.shape != expected_t.shape:
         raise ValueError(f"{quantity} has shape {tuple(actual.shape)}, expected {tuple(expected_t.shape)}")
-    error = (actual - expected_t).abs()
-    allowed = atol + rtol * expected_t.abs()
-    ratio = torch.where(torch.isfinite(actual), error / allowed, torch.full_like(error, math.inf))
-    worst = int(torch.argmax(ratio)) if ratio.numel() else 0
-    finite_err = torch.where(torch.isfinite(error), error, torch.full_like(error, math.inf))
-    rel = finite_err / expected_t.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    # a NaN error would compare as "not worse" than anything: count non-finite values as inf
+    error = torch.where(torch.isfinite(actual), (actual - expected_t).abs(), torch.full_like(actual, math.inf))
+    ratio = error / (atol + rtol * expected_t.abs())
+    worst = int(torch.argmax(ratio))
+    abs_error, want = float(error[worst]), float(expected_t[worst])
     return Comparison(
         quantity=quantity,
-        max_abs_error=float(finite_err.max()) if error.numel() else 0.0,
-        max_rel_error=float(rel.max()) if error.numel() else 0.0,
         worst_index=worst if expected_t.numel() > 1 else None,
-        ratio=float(ratio.max()) if ratio.numel() else 0.0,
-        actual=float(actual[worst]) if actual.numel() else None,
-        expected=float(expected_t[worst]) if expected_t.numel() else 0.0,
+        ratio=float(ratio[worst]),
+        actual=float(actual[worst]),
+        expected=want,
+        abs_error=abs_error,
+        rel_error=abs_error / abs(want) if want != 0 else None,
+        max_abs_error=float(error.max()),
     )
 
 
@@ -334,6 +342,22 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
     return result
 
 
+def _describe_error(c: Comparison) -> str:
+    if c.rel_error is None:
+        return f"abs err {c.abs_error:.2e} (expected 0: no relative error)"
+    return f"abs err {c.abs_error:.2e}, rel err {c.rel_error:.2e}"
+
+
+def _describe_case(r: CaseResult) -> str:
+    """The worst quantity of a case that ran; for a failing case, its value and what failed."""
+    worst = r.worst
+    where = f"[{worst.worst_index}]" if worst.worst_index is not None else ""
+    if r.passed:
+        return f"worst {worst.quantity}{where}: {_describe_error(worst)}"
+    failing = ", ".join(c.quantity for c in r.comparisons if not c.passed)
+    return f"worst {worst.quantity}{where}: {worst.actual!r}, expected {worst.expected!r}, {_describe_error(worst)}; failing: {failing}"
+
+
 @dataclass
 class AuditReport:
     objective: str
@@ -366,6 +390,7 @@ class AuditReport:
             f"audit of {self.impl} against the {self.objective} golden vectors ({self.golden})",
             f"dtype {self.dtype}, pass if |error| <= {self.atol:g} + {self.rtol:g}*|expected|, for the loss, "
             "the gradients (-beta*a, +beta*b) and returned weights",
+            "a line shows its worst element: value, expected, abs err, rel err = abs err/|expected| (abs err only where expected is 0)",
         ]
         width = max(len(r.name) for r in self.results)
         for r in self.results:
@@ -375,17 +400,12 @@ class AuditReport:
             if r.error is not None:
                 lines.append(f"{status} {r.name:<{width}}  raised {r.error}")
                 continue
-            worst = r.worst
-            detail = f"worst {worst.quantity}: abs err {worst.max_abs_error:.2e}, rel err {worst.max_rel_error:.2e}"
-            if not r.passed:
-                where = f"[{worst.worst_index}]" if worst.worst_index is not None else ""
-                detail += f" ({worst.quantity}{where} = {worst.actual!r}, expected {worst.expected!r})"
-                failing = [c.quantity for c in r.comparisons if not c.passed]
-                detail += f"; failing: {', '.join(failing)}"
-            lines.append(f"{status} {r.name:<{width}}  {detail}")
-        lines.append("largest absolute errors:")
-        for quantity, (err, name) in self.largest_errors().items():
-            lines.append(f"  {quantity:<24} {err:.3e}  ({name})")
+            lines.append(f"{status} {r.name:<{width}}  {_describe_case(r)}")
+        largest = self.largest_errors()
+        if largest:  # no heading over nothing when every case raised
+            lines.append("largest absolute errors:")
+            for quantity, (err, name) in largest.items():
+                lines.append(f"  {quantity:<24} {err:.3e}  ({name})")
         n_fail = len(self.failures)
         lines.append(
             f"{'PASS' if self.passed else 'FAIL'}: {len(self.results) - n_fail}/{len(self.results)} cases passed"
@@ -398,7 +418,7 @@ class AuditReport:
         # json cannot hold inf; a non-finite value is recorded as the string "inf"
         for r in data["results"]:
             for c in r["comparisons"]:
-                for key in ("max_abs_error", "max_rel_error", "ratio", "actual"):
+                for key in ("ratio", "actual", "abs_error", "rel_error", "max_abs_error"):
                     if isinstance(c[key], float) and not math.isfinite(c[key]):
                         c[key] = repr(c[key])
         return data

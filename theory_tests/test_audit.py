@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -265,6 +266,54 @@ def test_non_finite_values_fail_and_the_json_report_stays_valid():
     assert not report.passed
     text = json.dumps(report.to_dict(), allow_nan=False)
     assert '"inf"' in text
+
+
+_REL_ERR = re.compile(r"rel err ([^,;) ]+)")
+_SHOWN_VALUES = re.compile(r"(\S+), expected ([^,;) ]+)")
+
+
+def _shifted_iris(*args, **kwargs):
+    return iris_loss(*args, **kwargs).loss + 1e-9
+
+
+def test_each_line_shows_the_relative_error_of_the_element_it_shows():
+    """On a failing line the relative error is |shown value - shown expected| / |shown expected|,
+    not the largest relative error of some other element of the same vector."""
+    variants = [("iris", m) for m in MUTANTS.values()] + [(o, v) for o, vs in WRONG_VARIANTS.items() for v in vs]
+    checked = 0
+    for objective, variant in variants:
+        for line in audit(variant, objective).format(verbose=False).splitlines():
+            if not line.startswith("FAIL ") or "rel err" not in line:
+                continue
+            shown, expected = (float(x) for x in _SHOWN_VALUES.search(line).groups())
+            if not math.isfinite(shown):
+                continue
+            assert float(_REL_ERR.search(line).group(1)) == pytest.approx(abs(shown - expected) / abs(expected), rel=0.01), line
+            checked += 1
+    assert checked > 50
+
+
+def test_no_relative_error_where_the_expected_value_is_zero():
+    """Where the expected value is 0 (the loss at policy = opponent) a relative error is undefined:
+    the line shows the absolute error and says why, never a relative error of 1e+298."""
+    report = audit(_shifted_iris, "iris", name_contains="/zero/")
+    assert not report.passed
+    for r in report.results:
+        assert r.worst.quantity == "loss" and r.worst.expected == 0.0 and r.worst.rel_error is None
+        assert r.worst.abs_error == pytest.approx(1e-9, rel=1e-3)
+    lines = [line for line in report.format().splitlines() if line.startswith("FAIL ")]
+    assert lines and all("rel err" not in line and "expected 0" in line for line in lines), lines
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_no_empty_heading_when_every_case_raised():
+    """If no case produced a value there is no 'largest absolute errors' heading with nothing under it."""
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    text = audit(raises, "spin").format()
+    assert "largest absolute errors" not in text and "FAIL: 0/14" in text
 
 
 # ------------------------------------------------------------------------------------------
