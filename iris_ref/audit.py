@@ -35,6 +35,7 @@ import importlib.resources
 import importlib.util
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,25 @@ _UNSET = object()  # --reward-bound not given (None means "the unbounded cases")
 
 class AuditUsageError(ValueError):
     """A problem with the audit's arguments (not a failure of the audited function)."""
+
+
+class ContractError(Exception):
+    """The audited function does not follow the calling convention (its signature, or what it
+    returns), so its values could not be compared: the adapter is wrong, not necessarily the
+    mathematics. ``key`` says when two cases failed "the same way": it leaves out what varies
+    from case to case (a shape, a batch size)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key or message
+
+
+# TypeErrors that Python raises when a call does not match the signature. The audit passes the
+# same arguments (up to the weight keywords) to every case, so these are the adapter's fault.
+_SIGNATURE_ERROR = re.compile(
+    r"unexpected keyword argument|missing \d+ required|takes \d+ positional|takes from \d+ to \d+ positional"
+    r"|takes no arguments|got multiple values for argument|positional-only arguments passed as keyword"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +211,8 @@ def _extract_loss(output):
         return output["loss"]
     if hasattr(output, "loss"):
         return output.loss
-    raise TypeError(f"returned {type(output).__name__}; expected a tensor, an object with .loss or a mapping with 'loss'")
+    kind = type(output).__name__
+    raise ContractError(f"returned {kind}; expected a loss tensor, an object with .loss or a mapping with 'loss'", key=f"returned {kind}")
 
 
 def _returned_weights(output):
@@ -239,7 +260,7 @@ def compare(quantity: str, actual: torch.Tensor, expected: list[float], rtol: fl
     actual = actual.detach().to(torch.float64).reshape(-1)
     expected_t = torch.tensor(expected, dtype=torch.float64).reshape(-1)
     if actual.shape != expected_t.shape:
-        raise ValueError(f"{quantity} has shape {tuple(actual.shape)}, expected {tuple(expected_t.shape)}")
+        raise ContractError(f"{quantity} has shape {tuple(actual.shape)}, expected {tuple(expected_t.shape)}", key=f"{quantity} shape")
     # a NaN error would compare as "not worse" than anything: count non-finite values as inf
     error = torch.where(torch.isfinite(actual), (actual - expected_t).abs(), torch.full_like(actual, math.inf))
     ratio = error / (atol + rtol * expected_t.abs())
@@ -264,7 +285,9 @@ class CaseResult:
     weighted: bool
     passed: bool
     comparisons: list[Comparison] = field(default_factory=list)
-    error: str | None = None  # the exception the audited function raised, if any
+    error: str | None = None  # why no value could be compared: what the audited function raised
+    contract: bool = False  # the error is a calling-convention problem (see ContractError)
+    error_key: str | None = None  # equal for cases that failed the same way
 
     @property
     def worst(self) -> Comparison | None:
@@ -276,9 +299,24 @@ def _float_list(values) -> list[float]:
 
 
 def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, ContractError):
+        return str(exc)
     if isinstance(exc, SystemExit):  # str(SystemExit(None)) is empty; say what happened
         return f"SystemExit({exc.code!r}): the audited code called sys.exit"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _record_error(result: CaseResult, exc: BaseException) -> None:
+    """Fill in why ``result``'s case produced no value, and whether the adapter is to blame."""
+    result.error = _describe_exception(exc)
+    if isinstance(exc, ContractError):
+        result.contract, result.error_key = True, exc.key
+    elif isinstance(exc, TypeError) and _SIGNATURE_ERROR.search(str(exc)):
+        result.contract, result.error_key = True, result.error
+        if "keyword argument" in result.error:
+            result.error += " (rename keywords with --arg-map / arg_map)"
+    else:
+        result.error_key = result.error
 
 
 def _run_foreign(fn: Callable, inputs: list[torch.Tensor], kwargs: dict):
@@ -288,11 +326,18 @@ def _run_foreign(fn: Callable, inputs: list[torch.Tensor], kwargs: dict):
     policy_real, policy_synthetic = inputs[0], inputs[1]
     output = fn(*inputs, **kwargs)
     loss = _extract_loss(output)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TypeError(f"the loss must be a one-element tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+    if not isinstance(loss, torch.Tensor):
+        kind = type(loss).__name__
+        raise ContractError(f"the loss is a {kind}, not a tensor (a number has no gradient)", key=f"loss is {kind}")
+    if loss.numel() != 1:
+        raise ContractError(
+            f"the loss has shape {tuple(loss.shape)}; expected one number (a 0-d or one-element tensor): "
+            "per-sample or per-pair terms still need their (weighted) mean",
+            key="loss not scalar",
+        )
     loss = loss.reshape(())
     if not loss.requires_grad:
-        raise TypeError("the loss does not depend differentiably on the policy log-probs")
+        raise ContractError("the loss does not depend differentiably on the policy log-probs (detached, .item() or no_grad?)")
     grad_real, grad_synthetic = torch.autograd.grad(loss, [policy_real, policy_synthetic], allow_unused=True)
     # an input the loss ignores has gradient zero, which is what autograd's None means here
     if grad_real is None:
@@ -319,10 +364,7 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
         raise
     except BaseException as exc:  # anything else fails this case, SystemExit included: a
         # sys.exit(0) in the audited code must not end the audit with status 0, read as a pass
-        message = _describe_exception(exc)
-        if isinstance(exc, TypeError) and "keyword argument" in str(exc):
-            message += " (rename keywords with --arg-map / arg_map)"
-        result.error = message
+        _record_error(result, exc)
         return result
     a = _float_list(expected["real_weights"])
     b = _float_list(expected["synthetic_weights"])
@@ -335,8 +377,8 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
         checks += [("real_weights", returned[0], a), ("synthetic_weights", returned[1], b)]
     try:
         result.comparisons = [compare(q, actual, exp, rtol, atol) for q, actual, exp in checks]
-    except ValueError as exc:
-        result.error = str(exc)
+    except ContractError as exc:  # returned weights of the wrong shape
+        _record_error(result, exc)
         return result
     result.passed = all(c.passed for c in result.comparisons)
     return result
@@ -376,6 +418,23 @@ class AuditReport:
     def failures(self) -> list[CaseResult]:
         return [r for r in self.results if not r.passed]
 
+    @property
+    def exit_status(self) -> int:
+        """0 every case passes; 2 every failing case failed on the calling convention, so no
+        value was found wrong (fix the adapter first); 1 otherwise: a value or gradient is
+        wrong, or the audited code raised."""
+        if self.passed:
+            return 0
+        return 2 if all(r.contract for r in self.failures) else 1
+
+    def contract_errors(self) -> list[tuple[str, list[CaseResult]]]:
+        """The distinct calling-convention errors, each with the cases that failed with it."""
+        groups: dict[str, list[CaseResult]] = {}
+        for r in self.failures:
+            if r.contract:
+                groups.setdefault(r.error_key, []).append(r)
+        return [(cases[0].error, cases) for cases in groups.values()]
+
     def largest_errors(self) -> dict[str, tuple[float, str]]:
         """For each quantity, the largest absolute error over all cases and where it occurred."""
         largest: dict[str, tuple[float, str]] = {}
@@ -394,27 +453,34 @@ class AuditReport:
         ]
         width = max(len(r.name) for r in self.results)
         for r in self.results:
-            if r.passed and not verbose:
+            if (r.passed and not verbose) or r.contract:  # contract errors: once each, below
                 continue
             status = "PASS" if r.passed else "FAIL"
-            if r.error is not None:
-                lines.append(f"{status} {r.name:<{width}}  raised {r.error}")
-                continue
-            lines.append(f"{status} {r.name:<{width}}  {_describe_case(r)}")
+            detail = f"raised {r.error}" if r.error is not None else _describe_case(r)
+            lines.append(f"{status} {r.name:<{width}}  {detail}")
+        for message, cases in self.contract_errors():
+            where = "every case" if len(cases) == len(self.results) else f"{len(cases)}/{len(self.results)} cases, e.g. {cases[0].name}"
+            lines.append(f"CONTRACT ERROR in {where}: {message}")
         largest = self.largest_errors()
         if largest:  # no heading over nothing when every case raised
             lines.append("largest absolute errors:")
             for quantity, (err, name) in largest.items():
                 lines.append(f"  {quantity:<24} {err:.3e}  ({name})")
-        n_fail = len(self.failures)
-        lines.append(
-            f"{'PASS' if self.passed else 'FAIL'}: {len(self.results) - n_fail}/{len(self.results)} cases passed"
-        )
+        lines.append(self._summary())
         return "\n".join(lines)
+
+    def _summary(self) -> str:
+        n, n_passed = len(self.results), len(self.results) - len(self.failures)
+        if self.exit_status == 2 and n_passed == 0:
+            return "ADAPTER PROBLEM: no case ran, the function does not follow the calling convention (see --help); the mathematics was not checked"
+        if self.exit_status == 2:
+            return f"ADAPTER PROBLEM: {n_passed}/{n} cases passed, the other {n - n_passed} do not follow the calling convention (see --help)"
+        return f"{'PASS' if self.passed else 'FAIL'}: {n_passed}/{n} cases passed"
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["passed"] = self.passed
+        data["exit_status"] = self.exit_status
         # json cannot hold inf; a non-finite value is recorded as the string "inf"
         for r in data["results"]:
             for c in r["comparisons"]:
@@ -559,7 +625,7 @@ def main(argv=None) -> int:
         except OSError as exc:
             print(f"{parser.prog}: error: cannot write {args.json_out}: {exc}", file=sys.stderr)
             return 2
-    return 0 if report.passed else 1
+    return report.exit_status
 
 
 if __name__ == "__main__":

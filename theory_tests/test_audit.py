@@ -365,6 +365,65 @@ def test_cli_filters_and_file_impl(tmp_path, capsys):
     assert "FAIL iris/alpha=2.0" in out and "FAIL:" in out
 
 
+# ------------------------------------------------------------------------------------------
+# Contract errors: the adapter is wrong, not the mathematics (exit status 2)
+
+# Adapters around the reference SPIN loss that break the calling convention in one way each.
+CONTRACT_BREAKERS = '''
+import torch.nn.functional as F
+from iris_ref.objectives import spin_loss
+
+def three_arguments(pr, ps, orr, **constants):
+    return spin_loss(pr, ps, orr, orr).loss
+
+def returns_a_float(pr, ps, orr, os_, **kwargs):
+    return spin_loss(pr, ps, orr, os_, **kwargs).loss.item()
+
+def per_pair_vector(pr, ps, orr, os_, *, beta, pair_weights=None):
+    return F.softplus(-beta * ((pr - orr) - (ps - os_)))
+
+def own_keyword(pr, ps, orr, os_, *, temperature=0.1):
+    return spin_loss(pr, ps, orr, os_, beta=temperature).loss
+'''
+
+
+@pytest.mark.parametrize(
+    "function,fragment",
+    [
+        ("three_arguments", "takes 3 positional arguments but 4 were given"),
+        ("returns_a_float", "returned float"),
+        ("per_pair_vector", "the loss has shape"),
+        ("own_keyword", "unexpected keyword argument 'beta'"),
+    ],
+)
+def test_the_same_contract_error_in_every_case_is_printed_once_and_exits_2(function, fragment, tmp_path, capsys):
+    """A wrong signature, a float or a per-pair vector returned, or an unknown keyword fails every
+    case the same way: the error is printed once (not once per case) and the exit status is 2."""
+    module = tmp_path / "contract_breakers.py"
+    module.write_text(CONTRACT_BREAKERS)
+    status = main(["--impl", f"{module}:{function}", "--objective", "spin"])
+    out = capsys.readouterr().out
+    assert status == 2, out
+    assert out.count(fragment) == 1, out
+    assert not any(line.startswith("FAIL spin/") for line in out.splitlines()), out
+
+
+def test_exit_status_separates_adapter_problems_from_mathematical_ones():
+    """exit_status: 0 for the reference, 1 for wrong mathematics or code that crashes, 2 when every
+    failing case failed on the calling convention (here: no loss tensor returned)."""
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    assert audit(OBJECTIVES["spin"], "spin").exit_status == 0
+    assert audit(spin_sign_error, "spin").exit_status == 1
+    assert audit(raises, "spin").exit_status == 1
+    report = audit(lambda *a, **k: None, "spin")
+    assert report.exit_status == 2 and report.to_dict()["exit_status"] == 2
+    assert all(r.contract for r in report.results)
+    assert report.format().count("returned NoneType") == 1
+
+
 @pytest.mark.parametrize(
     "argv,fragment",
     [
