@@ -1,120 +1,286 @@
-"""Synthetic responses from the opponent: a transformers backend and a vLLM backend.
+"""Synthetic responses from the opponent: one function, ``generate``, two backends.
 
-Both backends feed the model exactly ``data.prompt_ids(tokenizer, prompt)``: the one chat
-template, as token ids (never re-tokenised text), so generation and training see the same
-prompt tokens. Both stop at the template's end-of-turn token or the eos
-(``data.stop_token_ids``) and return only the new text, special tokens removed.
+``generate(model_or_path, tokenizer, prompts, *, num_responses=1, max_new_tokens, ...)``
+returns, for every prompt in order, its ``num_responses`` :class:`Generation` objects, on
+every rank. A ``Generation`` holds
 
-* ``hf``: batches of ``batch_size`` prompts, left-padded by hand (the caller's tokenizer is
-  never touched), KV cache, sampling seeded through ``torch.manual_seed`` inside a forked RNG
-  (the caller's RNG state is left as it was). Only the arguments given here shape sampling:
-  the model's own ``generation_config`` (e.g. Qwen's repetition penalty and top-k) is set
-  aside for the call, so temperature 1 and top_p 1 really sample from the model.
-  ``temperature=0`` means greedy decoding.
-* ``vllm``: a fresh ``vllm.LLM`` engine on the saved checkpoint path (so the opponent is
-  exactly what was saved), prompts passed as ``{"prompt_token_ids": ...}``, one seeded
-  ``SamplingParams`` per prompt (seed + index: reproducible whatever vLLM's scheduling),
-  and the engine torn down afterwards so the trainer gets the GPU memory back.
-* ``auto``: vLLM when it imports, CUDA is present and a checkpoint path is given; else hf.
+* ``token_ids``: the new tokens exactly as sampled, INCLUDING the stop token the model emitted
+  when it stopped (``<|im_end|>`` for a chat model, ``<|endoftext|>`` for a base model that
+  stops on its eos): the ids that are scored, never decoded text re-tokenised;
+* ``text``: those tokens decoded with special tokens skipped (the final stop token is never
+  part of the text);
+* ``finished``: True when the response ended with a stop token, False when it was cut at
+  ``max_new_tokens`` (or at vLLM's ``max_model_len``), so that no end of turn the model never
+  produced is appended to it.
+
+``max_new_tokens >= 1`` always gives at least one token: a response can be empty of text (its
+first token was the stop token, or only special tokens / partial UTF-8 bytes were sampled) but
+never empty of tokens.
+
+Both backends feed the model exactly ``data.prompt_ids(tokenizer, prompt)`` (the one chat
+template, as token ids) and stop at ``data.stop_token_ids(tokenizer)`` (the template's
+end-of-turn token and the tokenizer's eos). Only the arguments given here shape sampling:
+temperature, top_p (top-k off, no repetition penalty), ``temperature=0`` is greedy.
+
+transformers (``backend="hf"``)
+-------------------------------
+* One global plan: the prompt x response requests sorted by prompt length (longest first, ties
+  by prompt index then response index), cut into batches of ``batch_size`` sequences (less
+  padding than prompts in data order). Each batch is left-padded by hand (the caller's
+  tokenizer is never touched), decoded with the KV cache, and stops as soon as every row has
+  stopped (``model.generate`` does this).
+* Batch ``b`` is sampled after seeding the CPU generator (and the model's CUDA device) with an
+  integer derived from ``(seed, b)`` only, inside ``torch.random.fork_rng``: the caller's RNG
+  state is left as it was, and a batch's result does not depend on which batches ran before it.
+* Under ``torch.distributed`` rank ``r`` runs batches ``r, r + world, ...`` and the results are
+  all-gathered (``distributed.all_gather_objects``), so one process and N processes return the
+  same generations (tested on CPU: 1 process == 2 gloo processes). Every rank must call
+  ``generate`` with the same prompts and arguments (checked): it is a collective.
+* ``synced_gpus=True`` (automatic for an FSDP-sharded model, whose every forward is collective):
+  every rank runs the same number of batches (ranks with fewer repeat a dummy batch whose
+  results are discarded) and ``model.generate`` keeps all ranks stepping until all are done.
+* A loaded model is used on its own device in its own dtype (``device`` is ignored); a path is
+  loaded on ``device`` in bf16 on CUDA, fp32 on CPU, and freed afterwards. The model's own
+  ``generation_config`` (a hub model's top-k, repetition penalty) is set aside for the call.
+  Progress is reported through ``iris_ref.progress.Progress`` (unit: prompts).
+
+vLLM (``backend="vllm"``)
+-------------------------
+* A fresh ``vllm.LLM(model=path, tokenizer=path, seed=..., dtype="bfloat16",
+  gpu_memory_utilization=..., max_model_len=...)`` on the saved checkpoint (so the opponent is
+  exactly what was saved), one request per prompt with ``SamplingParams(n=num_responses,
+  temperature, top_p, max_tokens=max_new_tokens, stop_token_ids=stops)``, the prompt passed as
+  ``{"prompt_token_ids": ...}``; the engine is torn down afterwards so that the trainer gets the
+  GPU memory back. The engine is seeded once; per-request seeds (``per_request_seed=True``:
+  ``seed + prompt index x num_responses``, and vLLM adds the response index) make vLLM's V1
+  sampler treat requests one by one, so they are off by default.
+* ``CompletionOutput.token_ids`` ends with the stop token the engine hit, for a token of
+  ``stop_token_ids`` and for the model's eos alike: vLLM's V1 detokenizer leaves a
+  stop-terminated request's last token out of the *text* but appends it to ``token_ids``
+  (``BaseIncrementalDetokenizer.update``), and the scheduler keeps the stopping token
+  (``_update_request_with_output`` trims only what comes after it). Nothing is appended here.
+  ``finished`` is ``finish_reason == "stop"``, or the last id is a stop token: some vLLM
+  versions test the length limit before the stop tokens (``check_stop``), so a stop token
+  sampled as the ``max_tokens``-th token is reported as "length" although the response is
+  complete. ``text`` is decoded here from the ids, as for transformers.
+* Under ``torchrun`` each rank runs its own engine on its GPU (``CUDA_VISIBLE_DEVICES`` is
+  narrowed to the rank's device while the engine process starts) on its contiguous share of
+  the prompts, seeded ``seed + rank``; the results are gathered in prompt order. vLLM's results
+  are neither batch-invariant nor independent of the rank layout: the same seed on a different
+  number of GPUs gives different (equally distributed) samples.
+* ``vllm_available()`` imports vLLM (a broken install is found here, not later);
+  ``backend="auto"`` uses vLLM only with a checkpoint path, CUDA and a working vLLM, and falls
+  back to transformers with a one-line warning, before any model is loaded, when vLLM is
+  installed but does not import. ``backend="vllm"`` without them is a clear ValueError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
-import importlib.util
+import hashlib
+import math
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from iris_ref import distributed
 from iris_ref.data import prompt_ids, stop_token_ids
+from iris_ref.progress import Progress
 
 BACKENDS = ("auto", "hf", "vllm")
 
 
-def vllm_is_importable() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response: its token ids (stop token included), its text, whether it stopped."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool
 
 
-def choose_backend(backend: str, *, has_path: bool, vllm_importable: bool, cuda_available: bool) -> str:
-    """The backend ``generate_responses`` uses; ValueError if the request cannot be met."""
+# ---------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def vllm_available() -> tuple[bool, str]:
+    """(True, "vllm <version>") when ``import vllm`` works; else (False, why, in one line).
+
+    vLLM is imported for real (``find_spec`` would call a broken install usable). Cached: the
+    import is slow, and a failed import is not retried.
+    """
+    try:
+        import vllm
+    except ModuleNotFoundError as error:
+        if error.name == "vllm":
+            return False, "vllm is not installed"
+        return False, _one_line(error)
+    except Exception as error:  # a broken install fails in many ways (ImportError, OSError, RuntimeError...)
+        return False, _one_line(error)
+    return True, f"vllm {getattr(vllm, '__version__', '(unknown version)')}"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"import vllm failed: {type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def choose_backend(backend: str, *, has_path: bool, vllm_ok: bool, vllm_reason: str = "",
+                   cuda_available: bool) -> str:
+    """The backend ``generate`` uses ("hf" or "vllm"); ValueError if the request cannot be met."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "hf":
         return "hf"
     if backend == "vllm":
-        if not vllm_importable:
-            raise ValueError("generation backend 'vllm' needs the vllm package (pip install vllm); use 'hf' or 'auto'")
-        if not cuda_available:
-            raise ValueError("generation backend 'vllm' needs a CUDA GPU; none is available (use 'hf' or 'auto')")
         if not has_path:
             raise ValueError("generation backend 'vllm' loads a saved checkpoint: pass its path, not a model object")
+        if not cuda_available:
+            raise ValueError("generation backend 'vllm' needs a CUDA GPU; none is available (use 'hf' or 'auto')")
+        if not vllm_ok:
+            raise ValueError(f"generation backend 'vllm' needs a working vllm package ({vllm_reason or 'unavailable'}); "
+                             "use 'hf' or 'auto'")
         return "vllm"
-    return "vllm" if (vllm_importable and cuda_available and has_path) else "hf"
+    return "vllm" if (has_path and cuda_available and vllm_ok) else "hf"
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
-    if max_new_tokens <= 0:
+def _resolve_backend(backend: str, has_path: bool) -> str:
+    """choose_backend with the facts of this machine; vLLM is imported only when it could be used."""
+    if backend not in BACKENDS:
+        choose_backend(backend, has_path=has_path, vllm_ok=False, cuda_available=False)  # raises
+    cuda = torch.cuda.is_available()
+    if backend == "hf" or not has_path or (backend == "auto" and not cuda):
+        return choose_backend(backend, has_path=has_path, vllm_ok=False, cuda_available=cuda)
+    ok, reason = vllm_available()
+    chosen = choose_backend(backend, has_path=has_path, vllm_ok=ok, vllm_reason=reason, cuda_available=cuda)
+    if backend == "auto" and chosen == "hf" and reason != "vllm is not installed" and distributed.is_main_process():
+        print(f"[iris] warning: vLLM is unusable ({reason}); generating with transformers", file=sys.stderr,
+              flush=True)
+    return chosen
+
+
+def _check_arguments(num_responses, max_new_tokens, temperature, top_p, batch_size, gpu_memory_utilization,
+                     max_model_len) -> None:
+    if num_responses < 1:
+        raise ValueError(f"num_responses must be >= 1, got {num_responses}")
+    if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if batch_size <= 0:
+    if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_model_len is not None and max_model_len < 1:
+        raise ValueError(f"max_model_len must be positive or None, got {max_model_len}")
 
 
-def generate_responses(
+# ---------------------------------------------------------------------------------------
+# the one public function
+# ---------------------------------------------------------------------------------------
+
+
+def generate(
     model_or_path,
     tokenizer,
     prompts: list[list[dict]],
     *,
+    num_responses: int = 1,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 64,
     backend: str = "auto",
     device: str = "cpu",
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float = 0.85,
+    max_model_len: int | None = None,
+    per_request_seed: bool = False,
     synced_gpus: bool = False,
-    return_finished: bool = False,
-):
-    """One sampled response per prompt (a list of chat turns), in the prompts' order.
+    desc: str = "generation",
+) -> list[list[Generation]]:
+    """``num_responses`` sampled responses to each prompt (a list of chat turns), in the prompts'
+    order, on every rank (see the module docstring).
 
-    ``model_or_path``: a loaded causal LM (hf backend; used on its own device, and ``device``
-    is ignored) or the path of a saved checkpoint (loaded on ``device`` for hf). Results are
-    deterministic for a given seed, batch size and backend. ``gpu_memory_utilization`` is
-    vLLM's share of the GPU: the training model should be off the GPU while vLLM runs.
-    ``synced_gpus`` (hf backend) keeps every rank stepping until all ranks are done, which a
-    sharded (FSDP) model needs because each of its forwards is collective.
-    With ``return_finished`` the result is ``(texts, finished)``: ``finished[i]`` is False
-    when response i was cut at ``max_new_tokens`` before its end-of-turn token, so that the
-    caller does not append an end of turn the model never produced.
+    ``model_or_path``: a loaded causal LM (transformers only; used where it is) or a saved
+    checkpoint's path. ``batch_size``: sequences per transformers batch. ``gpu_memory_utilization``
+    and ``max_model_len`` (None: vLLM's default, the model's own maximum) are vLLM's: its share
+    of the GPU's total memory and its context limit. ``per_request_seed``: vLLM only.
+    ``synced_gpus``: transformers under torch.distributed with a sharded model.
     """
-    _check_sampling(max_new_tokens, temperature, top_p, batch_size)
-    has_path = isinstance(model_or_path, (str, Path))
-    chosen = choose_backend(
-        backend, has_path=has_path, vllm_importable=vllm_is_importable(), cuda_available=torch.cuda.is_available()
-    )
-    token_ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
-    if not prompts:
-        texts, finished = [], []
-    elif chosen == "vllm":
-        texts, finished = _generate_vllm(
-            str(model_or_path), tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, gpu_memory_utilization
-        )
+    _check_arguments(num_responses, max_new_tokens, temperature, top_p, batch_size, gpu_memory_utilization,
+                     max_model_len)
+    has_path = isinstance(model_or_path, (str, os.PathLike))
+    chosen = _resolve_backend(backend, has_path)
+    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    stops = stop_token_ids(tokenizer)
+    _check_same_prompts_on_every_rank(ids)
+    if not ids:
+        return []
+    if chosen == "vllm":
+        sampled = _generate_vllm(str(model_or_path), ids, stops, num_responses=num_responses,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                 per_request_seed=per_request_seed, desc=desc)
     else:
-        if has_path:
-            from transformers import AutoModelForCausalLM
+        with _loaded(model_or_path, has_path, device) as model:
+            sampled = _generate_hf(model, ids, stops, pad_token_id=_pad_id(tokenizer, stops),
+                                   num_responses=num_responses, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                                   synced_gpus=synced_gpus, desc=desc)
+    return [[_as_generation(tokenizer, token_ids, stops, stopped) for token_ids, stopped in responses]
+            for responses in sampled]
 
-            model = AutoModelForCausalLM.from_pretrained(str(model_or_path)).to(device)
-        else:
-            model = model_or_path
-        texts, finished = _generate_hf(
-            model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus
-        )
-    return (texts, finished) if return_finished else texts
+
+def _as_generation(tokenizer, token_ids: list[int], stops: list[int], stopped: bool) -> Generation:
+    finished = bool(stopped) or bool(token_ids and token_ids[-1] in stops)
+    shown = token_ids[:-1] if finished and token_ids else token_ids
+    return Generation(token_ids=list(token_ids), text=tokenizer.decode(shown, skip_special_tokens=True),
+                      finished=finished)
+
+
+def _pad_id(tokenizer, stops: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+
+def _check_same_prompts_on_every_rank(ids: list[list[int]]) -> None:
+    """generate is a collective: every rank must ask for the same prompts (else results mix)."""
+    if not distributed.is_distributed():
+        return
+    digest = hashlib.sha256(repr(ids).encode()).hexdigest()
+    digests = distributed.all_gather_objects([digest])
+    if len(set(digests)) != 1:
+        raise ValueError("generate was called with different prompts on different ranks; every rank must pass the "
+                         "same prompts (each gets its share of the work and all get every result)")
+
+
+@contextlib.contextmanager
+def _loaded(model_or_path, has_path: bool, device: str):
+    """The model to generate with: the given one, or the checkpoint loaded (and freed afterwards)."""
+    if not has_path:
+        yield model_or_path
+        return
+    from transformers import AutoModelForCausalLM
+
+    on_cuda = str(device).startswith("cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_or_path), dtype=torch.bfloat16 if on_cuda else torch.float32).to(device)
+    try:
+        yield model
+    finally:
+        del model
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,21 +288,42 @@ def generate_responses(
 # ---------------------------------------------------------------------------------------
 
 
+def plan_batches(prompt_lengths: list[int], num_responses: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The global plan: (prompt index, response index) requests, longest prompt first (ties by
+    prompt index, then response index), in batches of ``batch_size`` sequences."""
+    requests = sorted(((p, k) for p in range(len(prompt_lengths)) for k in range(num_responses)),
+                      key=lambda request: (-prompt_lengths[request[0]], request[0], request[1]))
+    return [requests[start:start + batch_size] for start in range(0, len(requests), batch_size)]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of batch ``batch_index``: a function of (seed, batch index) only."""
+    digest = hashlib.sha256(f"iris-generation:{int(seed)}:{int(batch_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def _left_padded(batch_ids: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch_ids)
     input_ids = torch.full((len(batch_ids), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
     for row, ids in enumerate(batch_ids):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
-    """The new tokens before the first stop token, and whether there was one."""
+def _until_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """The new tokens up to and including the first stop token, and whether there was one
+    (what follows it is generate's padding)."""
     for position, token in enumerate(new_ids):
         if token in stops:
-            return new_ids[:position], True
+            return new_ids[:position + 1], True
     return new_ids, False
 
 
@@ -152,49 +339,89 @@ def _only_these_generation_settings(model, generation_config):
         model.generation_config = saved
 
 
-def _generate_hf(
-    model, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, batch_size, synced_gpus=False
-) -> tuple[list[str], list[bool]]:
+def _generation_config(max_new_tokens, temperature, top_p, stops, pad_token_id):
     from transformers import GenerationConfig
 
-    stops = stop_token_ids(tokenizer)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = temperature > 0
-    generation_config = GenerationConfig(
+    return GenerationConfig(
         do_sample=sampling,
         temperature=temperature if sampling else None,
         top_p=top_p if sampling else None,
         top_k=0 if sampling else None,
         max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
+        eos_token_id=list(stops),
         pad_token_id=pad_token_id,
         bos_token_id=None,
         use_cache=True,
     )
+
+
+def _run_batch(model, generation_config, rows: list[list[int]], pad_token_id: int, stops: set[int], seed: int,
+               synced: bool) -> list[tuple[list[int], bool]]:
+    """One batch, sampled from its own seed: (new token ids up to and including the stop, stopped)."""
     device = next(model.parameters()).device
-    devices = [device] if device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    responses: list[str] = []
-    finished: list[bool] = []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            with _only_these_generation_settings(model, generation_config):
-                for start in range(0, len(token_ids), batch_size):
-                    batch = token_ids[start : start + batch_size]
-                    input_ids, attention_mask = _left_padded(batch, pad_token_id, device)
-                    output = model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                        synced_gpus=synced_gpus,
-                    )
-                    for row in output[:, input_ids.shape[1] :].tolist():
-                        new_ids, stopped = _cut_at_stop(row, set(stops))
-                        responses.append(tokenizer.decode(new_ids, skip_special_tokens=True))
-                        finished.append(stopped)
-    finally:
-        model.train(was_training)
-    return responses, finished
+    on_cuda = device.type == "cuda"
+    input_ids, attention_mask = _left_padded(rows, pad_token_id, device)
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if on_cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                generation_config=generation_config, synced_gpus=synced)
+    return [_until_stop(row, stops) for row in output[:, input_ids.shape[1]:].tolist()]
+
+
+def _run_plan(model, plan, order: list[int | None], prompt_token_ids, *, pad_token_id, stops, generation_config,
+              seed, synced, on_batch=None) -> dict[int, list[tuple[list[int], bool]]]:
+    """Run the batches ``order`` names (None: a dummy batch, results dropped); results by batch index."""
+    results: dict[int, list[tuple[list[int], bool]]] = {}
+    stop_set = set(stops)
+    for index in order:
+        run_index = len(plan) - 1 if index is None else index  # the dummy is the smallest batch
+        rows = [prompt_token_ids[p] for p, _ in plan[run_index]]
+        out = _run_batch(model, generation_config, rows, pad_token_id, stop_set, batch_seed(seed, run_index), synced)
+        if index is not None:
+            results[index] = out
+            if on_batch is not None:
+                on_batch(index)
+    return results
+
+
+def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses, max_new_tokens, temperature, top_p,
+                 seed, batch_size, synced_gpus, desc) -> list[list[tuple[list[int], bool]]]:
+    plan = plan_batches([len(ids) for ids in prompt_token_ids], num_responses, batch_size)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    mine: list[int | None] = list(range(rank, len(plan), world))
+    synced = world > 1 and (synced_gpus or _is_sharded(model))
+    if synced:  # the same number of generate calls on every rank: pad with dummies
+        mine += [None] * (math.ceil(len(plan) / world) - len(mine))
+    generation_config = _generation_config(max_new_tokens, temperature, top_p, stops, pad_token_id)
+
+    # Progress: only rank 0 reports; while it runs its j-th batch the others run theirs, so
+    # batches 0 .. index + world - 1 are (about) done when its batch `index` is.
+    sizes = [len(batch) for batch in plan]
+    with Progress(len(prompt_token_ids), desc, unit="prompts") as progress:
+        def on_batch(index: int) -> None:
+            done = sum(sizes[:min(len(plan), index + world)]) // num_responses
+            progress.update(max(0, done - progress.done))
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), _only_these_generation_settings(model, generation_config):
+                local = _run_plan(model, plan, mine, prompt_token_ids, pad_token_id=pad_token_id, stops=stops,
+                                  generation_config=generation_config, seed=seed, synced=synced, on_batch=on_batch)
+        finally:
+            model.train(was_training)
+        gathered = dict(distributed.all_gather_objects(sorted(local.items())))
+        progress.update(len(prompt_token_ids) - progress.done)
+
+    responses: list[list] = [[None] * num_responses for _ in prompt_token_ids]
+    for index, batch in enumerate(plan):
+        for (p, k), out in zip(batch, gathered[index]):
+            responses[p][k] = out
+    return responses
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,32 +429,73 @@ def _generate_hf(
 # ---------------------------------------------------------------------------------------
 
 
-def _generate_vllm(
-    path, tokenizer, token_ids, max_new_tokens, temperature, top_p, seed, gpu_memory_utilization
-) -> tuple[list[str], list[bool]]:
+@contextlib.contextmanager
+def _engine_on_this_ranks_gpu():
+    """Under torchrun, let the engine process (started while this is active) see only this
+    rank's GPU; vLLM puts a one-GPU engine on the first visible device."""
+    if not (distributed.is_distributed() and torch.cuda.is_available()):
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = torch.cuda.current_device()
+    visible = [v.strip() for v in saved.split(",")] if saved else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index]
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _generate_vllm(path, prompt_token_ids, stops, *, num_responses, max_new_tokens, temperature, top_p, seed,
+                   gpu_memory_utilization, max_model_len, per_request_seed, desc) -> list[list[tuple[list[int], bool]]]:
+    share = distributed.shard_range(len(prompt_token_ids))
+    local: list[list[tuple[list[int], bool]]] = []
+    with Progress(len(prompt_token_ids), desc, unit="prompts") as progress:
+        if len(share):
+            local = _vllm_engine_run(path, [prompt_token_ids[i] for i in share], list(share), stops,
+                                     num_responses=num_responses, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, seed=seed + distributed.get_rank(),
+                                     request_seed=seed if per_request_seed else None,
+                                     gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+        gathered = distributed.all_gather_objects(local)
+        progress.update(len(prompt_token_ids))
+    return gathered
+
+
+def _vllm_engine_run(path, prompt_token_ids, prompt_indices, stops, *, num_responses, max_new_tokens, temperature,
+                     top_p, seed, request_seed, gpu_memory_utilization, max_model_len):
     from vllm import LLM, SamplingParams
 
     # vLLM sets up torch.distributed for its workers; it is ours to tear down only if it
     # was not there before (under torchrun the trainer owns the process group).
     distributed_was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    stops = stop_token_ids(tokenizer)
-    llm = LLM(model=path, tokenizer=path, seed=seed, dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization)
+    with _engine_on_this_ranks_gpu():
+        llm = LLM(model=path, tokenizer=path, seed=seed, dtype="bfloat16",
+                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     try:
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
-                seed=seed + index,
-                stop_token_ids=stops,
-                skip_special_tokens=True,
-            )
-            for index in range(len(token_ids))
-        ]
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
-        completions = [output.outputs[0] for output in outputs]
-        return [c.text for c in completions], [c.finish_reason == "stop" for c in completions]
+        def params(index: int):
+            # vLLM seeds response j of a request seed + j: prompt i's are seed + i * K + j, all distinct.
+            extra = {} if request_seed is None else {"seed": request_seed + index * num_responses}
+            return SamplingParams(n=num_responses, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                  stop_token_ids=list(stops), skip_special_tokens=True, **extra)
+
+        if request_seed is None:
+            sampling = params(0)  # one object for all: nothing differs between requests
+        else:
+            sampling = [params(index) for index in prompt_indices]
+        show_bar = distributed.is_main_process() and sys.stderr.isatty()
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling, use_tqdm=show_bar)
+        stop_set = set(stops)
+        results = []
+        for output in outputs:
+            completions = sorted(output.outputs, key=lambda c: getattr(c, "index", 0))
+            results.append([
+                (list(c.token_ids), c.finish_reason == "stop" or bool(c.token_ids and c.token_ids[-1] in stop_set))
+                for c in completions])
+        return results
     finally:
         _shutdown_vllm(llm, distributed_was_initialised)
         del llm
