@@ -222,10 +222,7 @@ def measure(args) -> dict:
     }
     if cuda:
         params = sum(p.numel() for p in model.parameters())
-        body = params - model.get_output_embeddings().weight.numel()
-        d, layers = model.config.hidden_size, model.config.num_hidden_layers
-        attention = 12 * layers * d * sum(len(s.input_ids) ** 2 for s in all_sequences) / steps
-        flops = 6 * body * all_tokens + 6 * model.config.vocab_size * d * response_tokens + attention
+        flops = model_flops(model, all_sequences) / steps
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), args.peak_tflops)
         result["gpu"] = {"name": name, "peak_tflops": peak, "iris_tokens_per_s": all_tokens / iris_step,
@@ -234,6 +231,21 @@ def measure(args) -> dict:
                          "mfu_counts": "6*N_body*tokens + 6*V*d*response tokens + 12*L*d*sum(len^2): the training "
                                        "forward+backward only (not the scoring pass, not checkpointing recompute)"}
     return result
+
+
+def model_flops(model, sequences) -> float:
+    """Model FLOPs of one forward+backward over `sequences` (PaLM's appendix B accounting, a
+    multiply-add = 2 FLOPs, backward = 2 x forward): 6·N_body per token, 6·V·d per scored
+    (response) token for the LM head, which the chunked log-probs apply only there, and
+    12·L·d·T per token of a length-T sequence for attention scores and values. Neither the
+    scoring pass nor checkpointing's recompute is counted: they are work, not model FLOPs."""
+    params = sum(p.numel() for p in model.parameters())
+    vocab, d, layers = model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers
+    body = params - vocab * d  # the tied embedding / LM head matrix is counted through the head term
+    tokens = sum(len(s.input_ids) for s in sequences)
+    scored = sum(len(s.input_ids) - s.prompt_length for s in sequences)
+    attention = 12 * layers * d * sum(len(s.input_ids) ** 2 for s in sequences)
+    return 6.0 * body * tokens + 6.0 * vocab * d * scored + attention
 
 
 def build_model(args, device):

@@ -1,7 +1,7 @@
 """Peak memory of an IRIS training step against an SFT step and against a resident opponent.
 
 Three designs, one optimizer step each through the project's trainer
-(``iris_ref.trainer.train_iteration`` with ``max_steps=1``), same model, same optimizer
+(``iris_ref.trainer.train`` with ``max_steps=1``), same model, same optimizer
 (RMSprop, the default), gradient checkpointing on (the GPU default):
 
 * ``iris``: the project's design. Only the policy is resident; the opponent's log-probs were
@@ -57,14 +57,18 @@ DEFAULTS = dict(vocab_size=16384, hidden_size=256, num_layers=4, intermediate_si
 def measure_variant(variant: str, settings: dict, device: str = "cpu") -> dict:
     """One optimizer step of ``variant``; peak memory from just before the model is built."""
     import copy
+    import dataclasses
+    import functools
 
     import torch
 
-    from iris_ref.trainer import TrainingArgs, compute_logprobs, train_iteration
+    from iris_ref import distributed, trainer
+    from iris_ref.config import parse_config
+    from iris_ref.logprobs import score_sequences
+    from iris_ref.objectives import iris_loss
 
     # Modules the trainer imports lazily: loaded here, so no variant's peak includes them.
     import iris_ref.data  # noqa: F401
-    import iris_ref.logprobs  # noqa: F401
     import tqdm.auto  # noqa: F401
     from transformers import get_scheduler  # noqa: F401
 
@@ -79,22 +83,25 @@ def measure_variant(variant: str, settings: dict, device: str = "cpu") -> dict:
     with PeakMemory(device) as peak:
         model = build_qwen2(settings["vocab_size"], settings["hidden_size"], settings["num_layers"],
                             settings["intermediate_size"], settings["seq_len"]).to(device)
+        policy = distributed.prepare_model(model)
+        n = n_sft if variant.startswith("sft") else m
+        config = dataclasses.replace(parse_config([]), device=device, bf16=bf16, gradient_checkpointing=True,
+                                     optimizer="rmsprop", global_batch_size=n, micro_batch_size=n, save_steps=None)
         if variant.startswith("sft"):
-            pairs = [(real, None) for real, _ in all_pairs]
-            args = TrainingArgs(loss="sft", global_batch_size=n_sft, micro_batch_size=n_sft, epochs=1,
-                                max_steps=1, progress=False, gradient_checkpointing=True, bf16=bf16)
-            summary = train_iteration(model, pairs, None, None, alpha=None, args=args, pad_token_id=pad)
+            data, objective = trainer.TrainingData([real for real, _ in all_pairs]), None
         else:
-            opponent = model
+            opponent = policy
             if variant == "resident_opponent":
                 opponent = copy.deepcopy(model).eval().requires_grad_(False)
                 if bf16:
                     opponent = opponent.to(torch.bfloat16)
-            opp_real, opp_syn = compute_logprobs(opponent, all_pairs, pad, m, bf16=bf16)
-            args = TrainingArgs(loss="iris", beta=settings["beta"], global_batch_size=m, micro_batch_size=m,
-                                epochs=1, max_steps=1, progress=False, gradient_checkpointing=True, bf16=bf16)
-            summary = train_iteration(model, all_pairs, opp_real, opp_syn, alpha=settings["alpha"], args=args,
-                                      pad_token_id=pad)
+            sequences = [real for real, _ in all_pairs] + [syn for _, syn in all_pairs]
+            scores = score_sequences(opponent, sequences, pad, token_budget=2 * m * settings["seq_len"], bf16=bf16)
+            data = trainer.TrainingData(sequences[:m], sequences[m:], scores[:m], scores[m:])
+            objective = functools.partial(iris_loss, alpha=settings["alpha"], beta=settings["beta"])
+        summary = trainer.train(policy, data, objective, config, pad_token_id=pad, epochs=1, learning_rate=1e-6,
+                                max_steps=1)
+        if variant == "resident_opponent":
             del opponent
     params = sum(p.numel() for p in model.parameters())
     return {

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bench import common, generation_throughput, gpu_step, logprob_memory, step_time, train_memory
+from bench import common, generation_throughput, logprob_memory, throughput, train_memory
 
 
 def test_write_results_adds_environment(tmp_path):
@@ -60,16 +60,6 @@ def test_logprob_memory_benchmark_small(tmp_path):
     assert record["ratio"] == result["ratio"]
 
 
-def test_step_time_benchmark_small(tmp_path):
-    settings = dict(step_time.DEFAULTS, vocab_size=256, hidden_size=32, num_layers=1, intermediate_size=64,
-                    seq_len=24, prompt_len=8, pairs=2)
-    result = step_time.run_benchmark(settings, repeats=1, warmup=0, device="cpu")
-    assert set(result["median_s"]) == {"iris", "spin", "iris_exact_accum", "spin_accum"}
-    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
-    assert math.isfinite(result["accumulation_overhead"])
-    json.loads(common.write_results("step_time", result, results_dir=tmp_path).read_text())
-
-
 def test_train_memory_workers_run_small():
     settings = dict(train_memory.DEFAULTS, vocab_size=512, hidden_size=32, num_layers=1, intermediate_size=64,
                     seq_len=24, prompt_len=8, pairs=2)
@@ -103,30 +93,55 @@ def test_generation_throughput_small(tmp_path):
     json.loads(common.write_results("generation_throughput", result, results_dir=tmp_path).read_text())
 
 
-def test_gpu_step_flop_formula_and_tiny_cpu_step():
-    from transformers import Qwen2Config
+def test_throughput_flop_formula():
+    from iris_ref.data import EncodedSequence
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                          tie_word_embeddings=True)
-    run = gpu_step.measure_training_step(config, seq_len=16, batch_size=2, device="cpu", autocast_bf16=False,
-                                         steps=1, warmup=0)
-    counts = run["parameters"]
-    assert counts["total"] == counts["embedding"] + counts["body"] and counts["embedding"] == 64 * 16
-    expected = 6 * counts["body"] * 32 + 6 * 64 * 16 * run["scored_tokens_per_step"] + 12 * 2 * 16 * 16 * 32
-    assert run["model_tflops_per_step"] * 1e12 == pytest.approx(expected)
-    assert run["scored_tokens_per_step"] == 2 * (16 - 2)  # 2 prompt + 14 response tokens per row
+    model = Qwen2ForCausalLM(config)
+    body = sum(p.numel() for p in model.parameters()) - 64 * 16
+    sequences = [EncodedSequence(list(range(1, 11)), 4), EncodedSequence(list(range(1, 7)), 2)]
+    expected = 6 * body * 16 + 6 * 64 * 16 * (6 + 4) + 12 * 2 * 16 * (10 ** 2 + 6 ** 2)
+    assert throughput.model_flops(model, sequences) == pytest.approx(expected)
 
 
-def test_gpu_step_config_is_qwen25_3b_shaped():
-    config = gpu_step.load_config()
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (
-        2048, 36, 16, 2, 11008, 151_936, True)
+def test_throughput_packing_is_first_fit_decreasing_and_exact():
+    """Packed rows hold every sequence once within the row length, and the packed log-probs equal
+    the padded ones (transformers isolates packed sequences through position_ids)."""
+    from iris_ref.data import EncodedSequence, collate
+    from iris_ref.logprobs import sequence_logprobs
+    from iris_ref.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(build_tiny_tokenizer(), seed=0).double()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    sequences = [EncodedSequence(torch.randint(5, vocab, (n,), generator=g).tolist(), 3) for n in (9, 4, 7, 5, 12, 4)]
+    rows = throughput.pack(sequences, 16)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum(len(sequences[i].input_ids) for i in row) <= 16 for row in rows) and len(rows) == 3
+    with torch.no_grad():
+        packed = throughput.packed_logps(model, sequences, rows, torch.device("cpu"), bf16=False)
+        padded = sequence_logprobs(model, **collate(sequences, 0)).sum()
+    assert float(packed) == pytest.approx(float(padded), rel=1e-9)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
-def test_gpu_step_without_cuda_writes_nothing(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(gpu_step, "write_results", lambda *a, **k: pytest.fail("wrote results without a GPU"))
-    assert gpu_step.main([]) == 0
-    assert "no CUDA device" in capsys.readouterr().out
+def test_throughput_benchmark_small(tmp_path):
+    import argparse
+
+    result = throughput.measure(argparse.Namespace(device="cpu", model_config=None, steps=1, global_batch_size=4,
+                                                   micro_batch_size=2, max_length=64, max_prompt_length=32,
+                                                   peak_tflops=1.0))
+    assert 0 <= result["training"]["padding_fraction"] < 1 and result["training"]["ratio"] > 0
+    assert 0 <= result["opponent_pass"]["padding_fraction"] < 1
+    json.loads(common.write_results("throughput", result, results_dir=tmp_path).read_text())
+
+
+def test_throughput_length_mix_respects_the_limits():
+    lengths = throughput.length_mix(500, 1024, 512, seed=0)
+    assert all(p <= 512 and p + r <= 1024 and p + s <= 1024 and min(p, r, s) >= 2 for p, r, s in lengths)
+    import statistics
+
+    assert 90 < statistics.median(p for p, _, _ in lengths) < 150  # the documented medians
+    assert 240 < statistics.median(r for _, r, _ in lengths) < 320
