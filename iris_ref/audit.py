@@ -11,7 +11,8 @@ names (``alpha``, ``beta``, ``mu``, ``reward_bound``, and for weighted cases ``r
 ``synthetic_weights`` or, for SPIN, ``pair_weights`` as 1-D tensors). Constants whose golden
 value is None (SPIF without a bound) are not passed at all. ``arg_map`` / ``--arg-map
 alpha=order,beta=temperature`` renames keywords for implementations that spell them
-differently.
+differently. SPIN, SPACE and SPIF are weighted MEANS over the batch (uniform weights 1/N), not
+sums; code without sample weights (paired DPO-style code) is audited with ``--weights uniform``.
 
 What is checked, per golden case: the loss value, and the autograd gradients with respect to
 the two policy vectors, which must equal ``-beta * a`` and ``+beta * b`` (THEORY.md §2, the a, b
@@ -19,12 +20,21 @@ stored in the golden file). If the returned object also carries ``real_weights``
 ``synthetic_weights`` tensors (as the reference's ``ObjectiveOutput`` does), they are checked
 against a and b too. A quantity x passes when ``|x - expected| <= atol + rtol * |expected|``
 elementwise and x is finite. Defaults: rtol = atol = 1e-10 for float64, 1e-3 for float32 (the
-float32 rounding of log-probs near -1000 alone moves a reward by ~1e-5).
+float32 rounding of log-probs near -1000 alone moves a reward by ~1e-5). Each report line shows
+the element closest to failing with its absolute error and its relative error
+|x - expected| / |expected| (absolute error only where the expected value is 0).
+
+Anything the audited code raises fails its case (SystemExit too; only KeyboardInterrupt stops
+the audit). A wrong signature or return value is a contract error, printed once however many
+cases it fails; hints name the likely cause where it is clear (missing sample weights, a sum for
+a mean, torch's softplus threshold) and exceptions show the audited code's file and line.
 
 Command line: ``python -m iris_ref.audit --impl module:function --objective iris`` (see
-``--help``); exit status 0 when every selected case passes, 1 when one fails, 2 on a usage
-error (unknown objective, unimportable ``--impl``, no case matching the given constants).
-Python: ``audit(fn, "iris", alpha=..., ...) -> AuditReport``.
+``--help``). Exit status: 0 every selected case passes; 1 the mathematics is wrong (a value or
+gradient mismatch) or the audited code raised; 2 an adapter or usage problem: every failing
+case failed on the calling convention, or the arguments are wrong (unknown objective,
+unimportable ``--impl``, no case matching the given constants).
+Python: ``audit(fn, "iris", constants={"alpha": 0.5}) -> AuditReport`` (``.exit_status``).
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping
+import sysconfig
+import traceback
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -71,9 +83,10 @@ class ContractError(Exception):
     mathematics. ``key`` says when two cases failed "the same way": it leaves out what varies
     from case to case (a shape, a batch size)."""
 
-    def __init__(self, message: str, key: str | None = None):
+    def __init__(self, message: str, key: str | None = None, hint: str | None = None):
         super().__init__(message)
         self.key = key or message
+        self.hint = hint
 
 
 # TypeErrors that Python raises when a call does not match the signature. The audit passes the
@@ -204,6 +217,9 @@ def parse_arg_map(text: str | None) -> dict[str, str]:
     return mapping
 
 
+_NUMBER_HINT = "return the loss tensor itself: a Python number (loss.item(), float(loss)) carries no gradient"
+
+
 def _extract_loss(output):
     if isinstance(output, torch.Tensor):
         return output
@@ -212,7 +228,11 @@ def _extract_loss(output):
     if hasattr(output, "loss"):
         return output.loss
     kind = type(output).__name__
-    raise ContractError(f"returned {kind}; expected a loss tensor, an object with .loss or a mapping with 'loss'", key=f"returned {kind}")
+    raise ContractError(
+        f"returned {kind}; expected a loss tensor, an object with .loss or a mapping with 'loss'",
+        key=f"returned {kind}",
+        hint=_NUMBER_HINT if isinstance(output, (int, float)) else None,
+    )
 
 
 def _returned_weights(output):
@@ -263,7 +283,7 @@ def compare(quantity: str, actual: torch.Tensor, expected: list[float], rtol: fl
         raise ContractError(f"{quantity} has shape {tuple(actual.shape)}, expected {tuple(expected_t.shape)}", key=f"{quantity} shape")
     # a NaN error would compare as "not worse" than anything: count non-finite values as inf
     error = torch.where(torch.isfinite(actual), (actual - expected_t).abs(), torch.full_like(actual, math.inf))
-    ratio = error / (atol + rtol * expected_t.abs())
+    ratio = torch.where(error == 0, 0.0, error / (atol + rtol * expected_t.abs()))  # 0/0 with atol = 0
     worst = int(torch.argmax(ratio))
     abs_error, want = float(error[worst]), float(expected_t[worst])
     return Comparison(
@@ -288,6 +308,8 @@ class CaseResult:
     error: str | None = None  # why no value could be compared: what the audited function raised
     contract: bool = False  # the error is a calling-convention problem (see ContractError)
     error_key: str | None = None  # equal for cases that failed the same way
+    hint: str | None = None  # the likely fix of a contract error, where it is clear
+    batch_scaled: bool = False  # the loss or its gradients are N times the expected ones (a sum, not a mean)
 
     @property
     def worst(self) -> Comparison | None:
@@ -303,20 +325,27 @@ def _describe_exception(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, SystemExit):  # str(SystemExit(None)) is empty; say what happened
         return f"SystemExit({exc.code!r}): the audited code called sys.exit"
-    return f"{type(exc).__name__}: {exc}"
+    try:
+        text = str(exc)
+    except Exception:  # a foreign exception's __str__ can fail too; the audit must go on
+        text = "<message unprintable>"
+    return f"{type(exc).__name__}: {text}"
 
 
-def _record_error(result: CaseResult, exc: BaseException) -> None:
-    """Fill in why ``result``'s case produced no value, and whether the adapter is to blame."""
+def _record_error(result: CaseResult, exc: BaseException, arg_map: Mapping, passed: Iterable[str]) -> None:
+    """Fill in why ``result``'s case produced no value, whether the adapter is to blame, and a
+    hint where the cause is clear. ``passed``: the keywords the audited function was given."""
     result.error = _describe_exception(exc)
+    location = _foreign_location(exc)
     if isinstance(exc, ContractError):
-        result.contract, result.error_key = True, exc.key
-    elif isinstance(exc, TypeError) and _SIGNATURE_ERROR.search(str(exc)):
+        result.contract, result.error_key, result.hint = True, exc.key, exc.hint
+    elif isinstance(exc, TypeError) and _SIGNATURE_ERROR.search(result.error):
         result.contract, result.error_key = True, result.error
-        if "keyword argument" in result.error:
-            result.error += " (rename keywords with --arg-map / arg_map)"
+        result.hint = _signature_hint(result.error, arg_map, passed)
     else:
         result.error_key = result.error
+    if location is not None:
+        result.error += f" (at {location})"
 
 
 def _run_foreign(fn: Callable, inputs: list[torch.Tensor], kwargs: dict):
@@ -328,12 +357,13 @@ def _run_foreign(fn: Callable, inputs: list[torch.Tensor], kwargs: dict):
     loss = _extract_loss(output)
     if not isinstance(loss, torch.Tensor):
         kind = type(loss).__name__
-        raise ContractError(f"the loss is a {kind}, not a tensor (a number has no gradient)", key=f"loss is {kind}")
+        raise ContractError(f"the loss is a {kind}, not a tensor", key=f"loss is {kind}", hint=_NUMBER_HINT)
     if loss.numel() != 1:
         raise ContractError(
-            f"the loss has shape {tuple(loss.shape)}; expected one number (a 0-d or one-element tensor): "
-            "per-sample or per-pair terms still need their (weighted) mean",
+            f"the loss has shape {tuple(loss.shape)}; expected one number (a 0-d or one-element tensor)",
             key="loss not scalar",
+            hint="one value per sample or pair is not yet the loss: SPIN, SPACE and SPIF take the weighted mean "
+            "of the per-sample terms (weights 1/N when uniform)",
         )
     loss = loss.reshape(())
     if not loss.requires_grad:
@@ -364,7 +394,7 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
         raise
     except BaseException as exc:  # anything else fails this case, SystemExit included: a
         # sys.exit(0) in the audited code must not end the audit with status 0, read as a pass
-        _record_error(result, exc)
+        _record_error(result, exc, arg_map, kwargs)
         return result
     a = _float_list(expected["real_weights"])
     b = _float_list(expected["synthetic_weights"])
@@ -378,9 +408,11 @@ def evaluate_case(fn: Callable, case: dict, dtype: torch.dtype, rtol: float, ato
     try:
         result.comparisons = [compare(q, actual, exp, rtol, atol) for q, actual, exp in checks]
     except ContractError as exc:  # returned weights of the wrong shape
-        _record_error(result, exc)
+        _record_error(result, exc, arg_map, kwargs)
         return result
     result.passed = all(c.passed for c in result.comparisons)
+    if not result.passed:
+        result.batch_scaled = _scaled_by_batch_size(checks, rtol, atol)
     return result
 
 
@@ -398,6 +430,87 @@ def _describe_case(r: CaseResult) -> str:
         return f"worst {worst.quantity}{where}: {_describe_error(worst)}"
     failing = ", ".join(c.quantity for c in r.comparisons if not c.passed)
     return f"worst {worst.quantity}{where}: {worst.actual!r}, expected {worst.expected!r}, {_describe_error(worst)}; failing: {failing}"
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnoses: hints where the cause of a failure is clear
+# --------------------------------------------------------------------------------------------
+
+WEIGHT_KEYWORDS = ("real_weights", "synthetic_weights", "pair_weights")
+_AUDIT_FILE = Path(__file__).resolve()
+_TORCH_DIR = Path(torch.__file__).resolve().parent
+_STDLIB_DIR = Path(sysconfig.get_paths()["stdlib"]).resolve()
+SOFTPLUS_SCALE = "switch"  # golden cases with softplus arguments of magnitude 18 to 24
+SOFTPLUS_ERROR = 1e-8  # torch's softplus is off by log1p(e^-x) < e^-20 = 2.1e-9 above x = 20, times mu <= 4
+
+
+def _is_foreign_frame(filename: str) -> bool:
+    """A frame of the audited code: not the audit itself, not torch, not the standard library
+    (where a foreign call only ends up raising; the line that called it is more useful)."""
+    path = Path(filename).resolve()
+    if path == _AUDIT_FILE or path.is_relative_to(_TORCH_DIR):
+        return False
+    in_site_packages = "site-packages" in path.parts or "dist-packages" in path.parts
+    return in_site_packages or not path.is_relative_to(_STDLIB_DIR)
+
+
+def _foreign_location(exc: BaseException) -> str | None:
+    """``file:line in function`` of the innermost frame of the audited code in ``exc``'s
+    traceback; None when the error arose in the audit's own call (a signature mismatch)."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _is_foreign_frame(frame.filename):
+            path = Path(frame.filename)
+            shown = path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
+            return f"{shown}:{frame.lineno} in {frame.name}"
+    return None
+
+
+def _signature_hint(message: str, arg_map: Mapping, passed: Iterable[str]) -> str:
+    reference_name = {foreign: ref for ref, foreign in arg_map.items()}
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unexpected:
+        foreign = unexpected.group(1)
+        ref = reference_name.get(foreign, foreign)
+        if ref in WEIGHT_KEYWORDS:  # paired or DPO-style code without sample weights
+            return (
+                f"the function takes no {foreign}: audit the uniform cases only with --weights uniform "
+                f'(Python: weights="uniform"), or, if it takes sample weights under another name, --arg-map {ref}=NAME'
+            )
+        return f"the function has no keyword {foreign!r}: if it names {ref} differently, rename it with --arg-map {ref}=NAME"
+    if "missing" in message or "keyword" in message:
+        return f"the audit passes the keywords {', '.join(passed)}; rename them with --arg-map reference=foreign"
+    return "the four log-prob vectors come positionally: fn(" + ", ".join(LOGP_NAMES) + ", **constants)"
+
+
+def _scaled_by_batch_size(checks: list, rtol: float, atol: float) -> bool:
+    """True if the gradients are N and M times the expected ones (N annotated, M synthetic
+    samples), or, for pairs (N = M), the loss is N times the expected loss: the mark of a sum
+    where the objective takes a mean (weights 1/N). ``checks``: evaluate_case's (quantity,
+    actual, expected) for the loss and the two gradients."""
+    (_, loss, loss_want), (_, grad_real, real_want), (_, grad_synthetic, synthetic_want) = checks[:3]
+    n, m = len(real_want), len(synthetic_want)
+
+    def scaled(actual, want, factor) -> bool:
+        if not any(want):  # all zeros: any factor fits
+            return False
+        return compare("", actual, [factor * x for x in want], rtol, factor * atol).passed
+
+    gradients = scaled(grad_real, real_want, n) and scaled(grad_synthetic, synthetic_want, m)
+    return gradients or (n == m and scaled(loss, loss_want, n))
+
+
+def _scale_of(case_name: str) -> str:
+    return case_name.split("/")[-2]  # ".../<scale>/<uniform|weighted>", see make_golden.py
+
+
+def _softplus_threshold_suspected(objective: str, failures: list[CaseResult]) -> bool:
+    """Only cases with softplus arguments above 20 (the switch cases, and SPACE's large-reward
+    cases) fail, among them a switch case, and by no more than torch's softplus threshold explains."""
+    if objective not in ("spin", "space") or not failures or any(r.error is not None for r in failures):
+        return False
+    scales = {_scale_of(r.name) for r in failures}
+    worst = max(c.max_abs_error for r in failures for c in r.comparisons)
+    return SOFTPLUS_SCALE in scales and scales <= {SOFTPLUS_SCALE, "large"} and worst <= SOFTPLUS_ERROR
 
 
 @dataclass
@@ -435,6 +548,25 @@ class AuditReport:
                 groups.setdefault(r.error_key, []).append(r)
         return [(cases[0].error, cases) for cases in groups.values()]
 
+    def hints(self) -> list[str]:
+        """Likely causes of the failures, where they are clear (distinct, in case order)."""
+        hints = [r.hint for r in self.failures if r.hint]
+        summed = [r for r in self.failures if r.batch_scaled]
+        if summed:
+            hints.append(
+                f"in {len(summed)} failing case(s) the loss or its gradients are N times the expected ones, N the number "
+                "of samples: the function sums where a (weighted) mean is expected (SPIN, SPACE and SPIF are weighted "
+                "means, weights 1/N when uniform)"
+            )
+        if _softplus_threshold_suspected(self.objective, self.failures):
+            worst = max(c.max_abs_error for r in self.failures for c in r.comparisons)
+            hints.append(
+                f"only cases with softplus arguments above 20 fail, by at most {worst:.1e}: torch.nn.functional.softplus "
+                "returns x itself above its threshold=20 (an error of log1p(e^-x) < 2.1e-9); use "
+                "x.clamp(min=0) + torch.log1p(torch.exp(-x.abs())) instead"
+            )
+        return list(dict.fromkeys(hints))
+
     def largest_errors(self) -> dict[str, tuple[float, str]]:
         """For each quantity, the largest absolute error over all cases and where it occurred."""
         largest: dict[str, tuple[float, str]] = {}
@@ -466,6 +598,7 @@ class AuditReport:
             lines.append("largest absolute errors:")
             for quantity, (err, name) in largest.items():
                 lines.append(f"  {quantity:<24} {err:.3e}  ({name})")
+        lines.extend(f"hint: {hint}" for hint in self.hints())
         lines.append(self._summary())
         return "\n".join(lines)
 
@@ -481,6 +614,7 @@ class AuditReport:
         data = asdict(self)
         data["passed"] = self.passed
         data["exit_status"] = self.exit_status
+        data["hints"] = self.hints()
         # json cannot hold inf; a non-finite value is recorded as the string "inf"
         for r in data["results"]:
             for c in r["comparisons"]:
@@ -563,14 +697,18 @@ def build_parser() -> argparse.ArgumentParser:
             "beta; spif beta, reward_bound (not passed when None); weighted cases also pass\n"
             "real_weights and synthetic_weights (spin: pair_weights) as tensors. fn returns a loss\n"
             "tensor, an object with .loss, or a mapping with 'loss'; returned real_weights and\n"
-            "synthetic_weights, if present, are checked too."
+            "synthetic_weights, if present, are checked too.\n\n"
+            "SPIN, SPACE and SPIF are weighted MEANS over the batch (uniform weights 1/N), not sums.\n"
+            "Code without sample weights (paired DPO-style code) needs --weights uniform."
         ),
         epilog=(
             "examples:\n"
             "  python -m iris_ref.audit --impl iris_ref.objectives:iris_loss --objective iris\n"
             "  python -m iris_ref.audit --impl mylib/losses.py:renyi_loss --objective iris --alpha 0.5 \\\n"
             "      --arg-map alpha=order,beta=temperature --weights uniform --json report.json\n\n"
-            "exit status: 0 all selected cases pass, 1 some case fails, 2 usage error."
+            "exit status: 0 every selected case passes; 1 the mathematics is wrong (a value or gradient\n"
+            "mismatch) or the audited code raised; 2 the adapter is wrong (every failing case broke\n"
+            "the calling convention: signature, keywords, a float or a vector returned) or a usage error."
         ),
     )
     parser.add_argument("--impl", required=True, help="module:function or path/to/file.py:function")

@@ -87,6 +87,31 @@ def spif_bound_ignored(pr, ps, orr, os_, *, beta=0.1, reward_bound=None, real_we
     return -(pi * r).sum() + (rho * (rs + rs.square() / 4)).sum()
 
 
+def _exact_softplus(x):
+    """log(1 + e^x) to full precision everywhere (torch's softplus is x itself above 20)."""
+    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def spin_sum_instead_of_mean(pr, ps, orr, os_, *, beta=0.1):
+    """DPO-style pairwise code (no sample weights) that sums the per-pair terms instead of averaging."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    return _exact_softplus(-(r - rs)).sum()
+
+
+def spin_torch_softplus(pr, ps, orr, os_, *, beta=0.1, pair_weights=None):
+    """Right, except for torch.nn.functional.softplus, which returns x itself above its threshold 20."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    return (_weights(pair_weights, r.numel(), r) * F.softplus(-(r - rs))).sum()
+
+
+def space_torch_softplus(pr, ps, orr, os_, *, mu=1.0, beta=1.0, real_weights=None, synthetic_weights=None):
+    """Right, except for torch's softplus (the large-reward cases have arguments above 20 too)."""
+    r, rs = _rewards(pr, ps, orr, os_, beta)
+    pi, rho = _weights(real_weights, r.numel(), r), _weights(synthetic_weights, rs.numel(), rs)
+    log_mu = math.log(mu)
+    return (pi * F.softplus(log_mu - r)).sum() + mu * (rho * F.softplus(rs - log_mu)).sum()
+
+
 WRONG_VARIANTS = {
     "spin": [spin_sign_error, spin_beta_twice],
     "space": [space_sum_instead_of_mean, space_mu_dropped],
@@ -167,7 +192,7 @@ def test_reference_objectives_pass_in_float32(objective):
 def test_wrong_iris_variants_fail_the_audit(mutant_name):
     """Each IRIS mutant (swapped tilts or roles, dropped sign, unnormalised weights, coarse series) fails at least one case."""
     report = audit(MUTANTS[mutant_name], "iris")
-    assert not report.passed
+    assert not report.passed and report.exit_status == 1
     assert report.failures and all(r.error is None for r in report.failures)
 
 
@@ -180,6 +205,7 @@ def test_wrong_variants_of_the_other_objectives_fail(objective, variant):
     """Sign errors, β applied twice, sums instead of means, a forgotten μ and an ignored bound all fail the audit."""
     report = audit(variant, objective)
     assert not report.passed, f"{variant.__name__} passed"
+    assert report.exit_status == 1, "wrong mathematics, not an adapter problem"
 
 
 def test_mu_dropped_passes_where_it_is_right_and_fails_where_it_is_not():
@@ -328,7 +354,7 @@ def test_arg_map_renames_keywords():
 
     assert audit(foreign, "iris", arg_map={"alpha": "order", "beta": "temperature"}).passed
     unmapped = audit(foreign, "iris", constants={"alpha": 2.0})
-    assert not unmapped.passed and "--arg-map" in unmapped.results[0].error
+    assert not unmapped.passed and "--arg-map alpha=" in unmapped.results[0].hint
 
 
 def test_weights_filter_serves_implementations_without_sample_weights():
@@ -339,7 +365,7 @@ def test_weights_filter_serves_implementations_without_sample_weights():
 
     report = audit(no_weights, "iris", weights="uniform")
     assert report.passed and all(not r.weighted for r in report.results)
-    assert not audit(no_weights, "iris", weights="all").passed
+    assert audit(no_weights, "iris", weights="all").exit_status == 2  # no value wrong, weighted cases not callable
 
 
 def test_constant_filters_select_the_matching_cases():
@@ -363,6 +389,75 @@ def test_cli_filters_and_file_impl(tmp_path, capsys):
     assert main(["--impl", f"{module}:renyi_swapped", *common]) == 1
     out = capsys.readouterr().out
     assert "FAIL iris/alpha=2.0" in out and "FAIL:" in out
+
+
+# ------------------------------------------------------------------------------------------
+# Hints where the cause is clear
+
+
+def test_paired_code_without_sample_weights_is_told_to_use_weights_uniform(capsys):
+    """DPO-style SPIN code without `pair_weights` fails the weighted cases on the unknown keyword:
+    the hint is --weights uniform (not --arg-map), and with it the audit passes."""
+
+    def dpo_style(pr, ps, orr, os_, *, beta):
+        return OBJECTIVES["spin"](pr, ps, orr, os_, beta=beta).loss
+
+    report = audit(dpo_style, "spin")
+    assert report.exit_status == 2
+    assert any("--weights uniform" in h and 'weights="uniform"' in h for h in report.hints()), report.hints()
+    assert not any("--arg-map pair_weights" in h and "--weights" not in h for h in report.hints())
+    assert audit(dpo_style, "spin", weights="uniform").passed
+    assert "hint: " in report.format()
+
+
+@pytest.mark.parametrize(
+    "objective,variant,weights",
+    [("spin", spin_sum_instead_of_mean, "uniform"), ("space", space_sum_instead_of_mean, "all")],
+    ids=["spin", "space"],
+)
+def test_a_sum_where_the_mean_belongs_is_named(objective, variant, weights):
+    """A loss (and gradients) N times the expected ones, N the batch size, is named as a sum where
+    SPIN/SPACE/SPIF take a weighted mean."""
+    report = audit(variant, objective, weights=weights)
+    assert report.exit_status == 1
+    assert any("sum" in h and "mean" in h for h in report.hints()), report.format(verbose=False)
+
+
+@pytest.mark.parametrize("objective,variant", [("spin", spin_torch_softplus), ("space", space_torch_softplus)], ids=["spin", "space"])
+def test_torch_softplus_threshold_is_named(objective, variant):
+    """Failing only where softplus arguments exceed 20 (the switch cases, and for SPACE some large
+    ones), by about 1e-9: the hint names torch's softplus threshold."""
+    report = audit(variant, objective)
+    assert not report.passed and any("/switch/" in r.name for r in report.failures)
+    assert any("threshold" in h and "softplus" in h for h in report.hints()), report.format(verbose=False)
+
+
+def test_no_hint_where_the_cause_is_not_clear():
+    """Wrong mathematics of other kinds (sign errors, beta twice, mu dropped, the IRIS mutants) gets
+    no sum or softplus hint."""
+    variants = [("iris", m) for m in MUTANTS.values()] + [
+        (o, v) for o, vs in WRONG_VARIANTS.items() for v in vs if v is not space_sum_instead_of_mean
+    ]
+    for objective, variant in variants:
+        hints = audit(variant, objective).hints()
+        assert not hints, (variant.__name__, hints)
+
+
+def test_exceptions_show_where_the_audited_code_raised(tmp_path):
+    """An exception names the innermost file and line of the audited code, not the audit's or torch's."""
+    module = tmp_path / "crashing_loss.py"
+    module.write_text(
+        "import torch\n"
+        "def _helper(x):\n"
+        "    return torch.cat([x, x.reshape(1, -1)])\n"  # line 3: torch raises inside torch
+        "def loss(pr, ps, orr, os_, **constants):\n"
+        "    return _helper(pr).sum()\n"
+    )
+    from iris_ref.audit import load_impl
+
+    report = audit(load_impl(f"{module}:loss"), "spin")
+    assert report.exit_status == 1
+    assert all(f"crashing_loss.py:3 in _helper" in r.error for r in report.results), report.results[0].error
 
 
 # ------------------------------------------------------------------------------------------
