@@ -555,6 +555,19 @@ def test_help_documents_the_calling_convention(capsys):
     text = capsys.readouterr().out
     for fragment in ("policy_real_logps", "reward_bound", "pair_weights", "--arg-map", "exit status"):
         assert fragment in text
+    assert "weighted MEANS" in text and "1/N" in text and "needs --weights uniform" in text
+    assert "2 the adapter is wrong" in " ".join(text.split())
+
+
+def test_the_docs_say_means_not_sums_and_give_the_exit_codes():
+    """docs/audit.md states that SPIN, SPACE and SPIF are weighted means (1/N), that code without
+    sample weights needs --weights uniform, and what exit statuses 0, 1 and 2 mean."""
+    text = " ".join((REPO_ROOT / "docs" / "audit.md").read_text(encoding="utf-8").split())
+    assert "SPIN, SPACE and SPIF are weighted means, not sums" in text and "1/N" in text
+    assert "Paired DPO-style code takes no sample weights" in text and "--weights uniform" in text
+    for row in ("| 0 | every selected case passes", "| 1 | the mathematics is wrong", "| 2 | an adapter or usage problem"):
+        assert row in text
+    assert "theory_tests/golden/*.json" not in text and "iris_ref/golden/" in text
 
 
 def test_python_api_rejects_bad_arguments():
