@@ -8,15 +8,30 @@ are, the better the opponent's own likelihood separates them. The default gap is
 two-sample discrepancy |2·AUC − 1| of the scores (Mann–Whitney, ties counted half), which is
 scale-free, lies in [0, 1] and is 0 in expectation at the fixed point.
 
-The adaptive schedule maps the gap, relative to the first iteration's, linearly onto
-[α_min, α_max]: sharp importance weighting (α_max = 2, the χ² regime) while the gap is as
-large as at the start, smooth weighting (α_min = ½, the symmetric regime) as it closes.
+The adaptive schedule is guarded: it follows the SMALLEST gap seen so far, relative to the
+first one,
+
+    g_t = min(|gap_0|, …, |gap_t|),   α_t = α_min + (α_max − α_min)·clip(g_t/|gap_0|, 0, 1),
+
+so α_0 = α_max (sharp importance weighting, the χ² regime at the default α_max = 2) and α
+moves towards α_min (smooth weighting, the symmetric regime at the default ½) as the gap
+closes, and α NEVER rises. Why the running minimum: the first version used gap_t itself, and
+on the toy task at a high learning rate that was a positive feedback loop: α = 2 degraded the
+model, the degraded model's gap grew (0.12 → 0.20 → 0.33), the schedule answered with α back at
+2, and the model collapsed. A growing gap is reported instead by `gap_warning` (the latest gap
+above `factor` × the running minimum of the earlier ones: the model is moving away from the
+data). Gaps are used by magnitude, because the "mean" gap is signed.
+
+The whole history gap_0..gap_t is an input (`AlphaSchedule.alpha_for(t, gaps)`): the caller
+keeps it, across --resume too; nothing here has state.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -26,6 +41,7 @@ __all__ = [
     "auc_gap",
     "mean_score_gap",
     "adaptive_alpha",
+    "gap_warning",
     "linear_alpha",
     "AlphaSchedule",
     "SCHEDULE_KINDS",
@@ -80,23 +96,72 @@ def _check_order(value: float, name: str) -> float:
     return value
 
 
-def adaptive_alpha(gap: float, first_gap: float, alpha_min: float = 0.5, alpha_max: float = 2.0) -> float:
-    """α = α_min + (α_max − α_min)·clip(gap/first_gap, 0, 1); a zero first gap gives α_min.
+def _gap_history(gaps, name: str = "gaps") -> list:
+    """The magnitudes |gap_0|, …, |gap_t| as floats; ValueError on empty or non-finite input."""
+    if isinstance(gaps, (str, bytes)) or not hasattr(gaps, "__len__"):
+        raise ValueError(f"{name} must be a sequence of numbers gap_0..gap_t, got {type(gaps).__name__}")
+    try:
+        values = [abs(float(g)) for g in gaps]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a sequence of numbers gap_0..gap_t: {error}") from None
+    if not values:
+        raise ValueError(f"{name} is empty: the schedule needs at least gap_0")
+    bad = [i for i, g in enumerate(values) if not math.isfinite(g)]
+    if bad:
+        raise ValueError(f"{name} must be finite; gap_{bad[0]} is {values[bad[0]]}")
+    return values
 
-    A negative gap (possible with the signed mean-score gap) is treated by its magnitude.
-    """
+
+def _check_orders(alpha_min: float, alpha_max: float) -> tuple:
     alpha_min = _check_order(alpha_min, "alpha_min")
     alpha_max = _check_order(alpha_max, "alpha_max")
     if alpha_min > alpha_max:
         raise ValueError(f"alpha_min ({alpha_min}) must not exceed alpha_max ({alpha_max})")
-    gap, first_gap = abs(float(gap)), abs(float(first_gap))
-    if not (math.isfinite(gap) and math.isfinite(first_gap)):
-        raise ValueError(f"gaps must be finite, got gap={gap}, first_gap={first_gap}")
-    if first_gap == 0.0:
+    return alpha_min, alpha_max
+
+
+def adaptive_alpha(gaps: Sequence[float], alpha_min: float = 0.5, alpha_max: float = 2.0) -> float:
+    """α_t = α_min + (α_max − α_min)·clip(g_t/gap_0, 0, 1) with g_t = min(gap_0, …, gap_t).
+
+    gaps: the history gap_0..gap_t, used by magnitude (the signed mean-score gap can be
+    negative). A zero gap_0 (already at the fixed point) gives α_min. The result is clamped
+    into [α_min, α_max] against rounding. α_t is non-increasing in t for every history: it
+    moves only when a new smallest gap is seen.
+    """
+    alpha_min, alpha_max = _check_orders(alpha_min, alpha_max)
+    values = _gap_history(gaps)
+    first, smallest = values[0], min(values)
+    if first == 0.0:
         return alpha_min
-    fraction = min(1.0, max(0.0, gap / first_gap))
+    fraction = min(1.0, max(0.0, smallest / first))
     # Clamped because α_min + (α_max − α_min)·1 can round past α_max.
     return min(alpha_max, max(alpha_min, alpha_min + (alpha_max - alpha_min) * fraction))
+
+
+def gap_warning(gaps: Sequence[float], factor: float = 1.5) -> Optional[str]:
+    """A one-line warning when the latest gap exceeds `factor` × the smallest earlier gap, else None.
+
+    gaps: the history gap_0..gap_t (magnitudes are compared). With fewer than two gaps there is
+    nothing to compare and the answer is None. factor must be finite and >= 1.
+    """
+    factor = float(factor)
+    if not math.isfinite(factor) or factor < 1.0:
+        raise ValueError(f"factor must be a finite number >= 1, got {factor}")
+    values = _gap_history(gaps)
+    if len(values) < 2:
+        return None
+    earlier = values[:-1]
+    smallest = min(earlier)
+    where = earlier.index(smallest)
+    latest, t = values[-1], len(values) - 1
+    if latest <= factor * smallest:
+        return None
+    if smallest == 0.0:
+        return f"gap_{t} = {latest:.4g} after gap_{where} = 0: the model is moving away from the data"
+    return (
+        f"gap_{t} = {latest:.4g} is {latest / smallest:.2f}x the smallest earlier gap (gap_{where} = "
+        f"{smallest:.4g}; warning above {factor:g}x): the model is moving away from the data"
+    )
 
 
 def linear_alpha(iteration: int, num_iterations: int, alpha_start: float = 2.0, alpha_end: float = 0.5) -> float:
@@ -118,7 +183,7 @@ def linear_alpha(iteration: int, num_iterations: int, alpha_start: float = 2.0, 
 class AlphaSchedule:
     """α_t for iteration t.
 
-    kind "adaptive": from the gap (THEORY.md §4), α_0 = alpha_max;
+    kind "adaptive": from the running minimum of the gaps (THEORY.md §4), α_0 = alpha_max;
     kind "constant": always `alpha`;
     kind "linear":   alpha_max at the first iteration down to alpha_min at the last.
     `gap` names the discrepancy used by the adaptive kind: "auc" (default) or "mean".
@@ -150,10 +215,32 @@ class AlphaSchedule:
             return auc_gap(real_scores, synthetic_scores)
         return mean_score_gap(real_scores, synthetic_scores)
 
-    def alpha_for(self, iteration: int, gap: float, first_gap: float) -> float:
-        """α for `iteration` given this iteration's gap and the first iteration's gap."""
+    def alpha_for(self, iteration: int, gaps: Sequence[float]) -> float:
+        """α for `iteration` (0-based) from the gap history gap_0..gap_iteration.
+
+        len(gaps) must be iteration + 1. The "constant" and "linear" kinds check only that
+        length; "adaptive" follows the running minimum of the gaps (`adaptive_alpha`).
+        """
+        try:
+            iteration = operator.index(iteration)
+        except TypeError:
+            raise ValueError(f"iteration must be an integer >= 0, got {iteration!r}") from None
+        if iteration < 0:
+            raise ValueError(f"iteration must be an integer >= 0, got {iteration!r}")
+        if isinstance(gaps, (str, bytes)) or not hasattr(gaps, "__len__"):
+            raise ValueError(f"gaps must be the sequence gap_0..gap_{iteration}, got {type(gaps).__name__}")
+        if len(gaps) != iteration + 1:
+            raise ValueError(
+                f"alpha_for({iteration}) needs the gap history gap_0..gap_{iteration} "
+                f"({iteration + 1} values), got {len(gaps)}"
+            )
         if self.kind == "constant":
             return float(self.alpha)
         if self.kind == "linear":
             return linear_alpha(iteration, self.num_iterations, self.alpha_max, self.alpha_min)
-        return adaptive_alpha(gap, first_gap, self.alpha_min, self.alpha_max)
+        return adaptive_alpha(gaps, self.alpha_min, self.alpha_max)
+
+    def gap_warning(self, gaps: Sequence[float], factor: float = 1.5) -> Optional[str]:
+        """`gap_warning(gaps, factor)`: a one-line message when the latest gap has grown past
+        `factor` × the running minimum of the earlier gaps, else None (every kind)."""
+        return gap_warning(gaps, factor)

@@ -343,6 +343,7 @@ class IterationRecord:
     alpha: Optional[float] = None  # the order used to reach this state (IRIS only)
     gap: Optional[float] = None  # the gap measured at the opponent of that iteration
     logits: Tensor = field(default=None, repr=False)
+    gap_warning: Optional[str] = None  # the schedule's warning at that opponent (gap grew), if any
 
 
 def self_play(
@@ -371,21 +372,22 @@ def self_play(
         raise ValueError(f"an AlphaSchedule applies to IRIS only, not to {objective!r}")
     theta = _check_logits(task, initial_logits, "initial_logits").detach().clone()
     history = [IterationRecord(0, kl_to_data(task, theta), tv_to_data(task, theta), logits=theta)]
-    first_gap = None
+    gaps = []  # gap_0 .. gap_t: the schedule follows their running minimum (THEORY.md §4)
     for t in range(iterations):
-        alpha = gap = None
+        alpha = gap = warning = None
         step_constants = dict(constants)
         if schedule is not None:
             gap = exact_auc_gap(task, theta) if schedule.gap == "auc" else exact_mean_gap(task, theta)
-            first_gap = gap if first_gap is None else first_gap
-            alpha = schedule.alpha_for(t, gap, first_gap)
+            gaps.append(gap)
+            alpha = schedule.alpha_for(t, gaps)
+            warning = schedule.gap_warning(gaps)
             step_constants["alpha"] = alpha
         elif "alpha" in constants:
             alpha = float(constants["alpha"])
         theta = minimise(
             task, theta, objective, steps=steps, step_size=step_size, tolerance=tolerance, paired=paired, **step_constants
         )
-        history.append(IterationRecord(t + 1, kl_to_data(task, theta), tv_to_data(task, theta), alpha, gap, theta))
+        history.append(IterationRecord(t + 1, kl_to_data(task, theta), tv_to_data(task, theta), alpha, gap, theta, warning))
     return history
 
 

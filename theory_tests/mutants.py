@@ -112,4 +112,64 @@ MUTANTS = {
     "coarse_series": iris_coarse_series,
 }
 
-__all__ = ["MUTANTS", "COARSE_SERIES_THRESHOLD", *[f.__name__ for f in MUTANTS.values()]]
+
+# --------------------------------------------------------------------------------------
+# Wrong adaptive order schedules (THEORY.md §4), signature of
+# `iris_ref.schedule.adaptive_alpha(gaps, alpha_min, alpha_max)`. Kept apart from MUTANTS,
+# which the audit and golden-vector tests run as IRIS objectives.
+
+
+def _schedule_alpha(fraction: float, alpha_min: float, alpha_max: float, clip: bool) -> float:
+    if clip:
+        fraction = min(1.0, max(0.0, fraction))
+        return min(alpha_max, max(alpha_min, alpha_min + (alpha_max - alpha_min) * fraction))
+    return alpha_min + (alpha_max - alpha_min) * fraction
+
+
+def _magnitudes(gaps):
+    values = [abs(float(g)) for g in gaps]
+    if not values:
+        raise ValueError("gaps is empty")
+    return values
+
+
+def schedule_unguarded(gaps, alpha_min: float = 0.5, alpha_max: float = 2.0) -> float:
+    """Bug (the first version): α from the latest gap alone, gap_t/gap_0, so a growing gap raises α again."""
+    values = _magnitudes(gaps)
+    return alpha_min if values[0] == 0.0 else _schedule_alpha(values[-1] / values[0], alpha_min, alpha_max, True)
+
+
+def schedule_unguarded_unclipped(gaps, alpha_min: float = 0.5, alpha_max: float = 2.0) -> float:
+    """Bug: the first version without the clip: a gap above gap_0 sends α past α_max."""
+    values = _magnitudes(gaps)
+    return alpha_min if values[0] == 0.0 else _schedule_alpha(values[-1] / values[0], alpha_min, alpha_max, False)
+
+
+def schedule_running_max(gaps, alpha_min: float = 0.5, alpha_max: float = 2.0) -> float:
+    """Bug: the running maximum instead of the minimum (clipped): α is stuck at α_max."""
+    values = _magnitudes(gaps)
+    return alpha_min if values[0] == 0.0 else _schedule_alpha(max(values) / values[0], alpha_min, alpha_max, True)
+
+
+def schedule_running_max_unclipped(gaps, alpha_min: float = 0.5, alpha_max: float = 2.0) -> float:
+    """Bug: the running maximum and no clip: α climbs past α_max with the largest gap."""
+    values = _magnitudes(gaps)
+    return alpha_min if values[0] == 0.0 else _schedule_alpha(max(values) / values[0], alpha_min, alpha_max, False)
+
+
+# Forgetting the clip of the GUARDED rule is not a mutant: g_t <= gap_0, so g_t/gap_0 lies in
+# [0, 1] exactly (IEEE division is monotone and gap_0/gap_0 = 1) and the clip never acts there.
+SCHEDULE_MUTANTS = {
+    "unguarded": schedule_unguarded,
+    "unguarded_unclipped": schedule_unguarded_unclipped,
+    "running_max": schedule_running_max,
+    "running_max_unclipped": schedule_running_max_unclipped,
+}
+
+__all__ = [
+    "MUTANTS",
+    "SCHEDULE_MUTANTS",
+    "COARSE_SERIES_THRESHOLD",
+    *[f.__name__ for f in MUTANTS.values()],
+    *[f.__name__ for f in SCHEDULE_MUTANTS.values()],
+]
