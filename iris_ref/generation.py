@@ -83,8 +83,8 @@ import hashlib
 import math
 import os
 import sys
+from array import array
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -156,7 +156,7 @@ def _resolve_backend(backend: str, has_path: bool) -> str:
     if backend not in BACKENDS:
         choose_backend(backend, has_path=has_path, vllm_ok=False, cuda_available=False)  # raises
     cuda = torch.cuda.is_available()
-    if backend == "hf" or not has_path or (backend == "auto" and not cuda):
+    if backend == "hf" or not has_path or not cuda:  # vLLM is out of the question: no import
         return choose_backend(backend, has_path=has_path, vllm_ok=False, cuda_available=cuda)
     ok, reason = vllm_available()
     chosen = choose_backend(backend, has_path=has_path, vllm_ok=ok, vllm_reason=reason, cuda_available=cuda)
@@ -256,8 +256,11 @@ def _check_same_prompts_on_every_rank(ids: list[list[int]]) -> None:
     """generate is a collective: every rank must ask for the same prompts (else results mix)."""
     if not distributed.is_distributed():
         return
-    digest = hashlib.sha256(repr(ids).encode()).hexdigest()
-    digests = distributed.all_gather_objects([digest])
+    digest = hashlib.sha256()
+    for row in ids:
+        digest.update(len(row).to_bytes(8, "little"))
+        digest.update(array("q", row).tobytes())
+    digests = distributed.all_gather_objects([digest.hexdigest()])
     if len(set(digests)) != 1:
         raise ValueError("generate was called with different prompts on different ranks; every rank must pass the "
                          "same prompts (each gets its share of the work and all get every result)")
