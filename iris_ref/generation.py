@@ -72,6 +72,8 @@ vLLM (``backend="vllm"``)
   ``backend="auto"`` uses vLLM only with a checkpoint path, CUDA and a working vLLM, and falls
   back to transformers with a one-line warning, before any model is loaded, when vLLM is
   installed but does not import. ``backend="vllm"`` without them is a clear ValueError.
+* Not run here (no GPU): the tests drive this path through a stand-in module with vLLM's API;
+  the torchrun device narrowing in particular has not run on a multi-GPU machine yet.
 """
 
 from __future__ import annotations
