@@ -16,6 +16,19 @@ The families differ in difficulty for a ~1M-parameter model (a lookup table of d
 the alphabet's order, comparisons of two-digit numbers), so a short SFT warm-up gets part of
 the way and leaves room for self-play to move the model.
 
+A second, "long" toy task (its own files, ``long_train.jsonl`` / ``long_heldout.jsonl``) has
+answers of 9-15 tokens whose validity is a property of the whole sequence:
+
+* ``Give 5 digits that add up to 23.``           -> ``1<3<5<6<8``, ``0<4<5<6<8``, ... (20 answers)
+
+N distinct digits (N = 5..8) in increasing order, joined by ``<``, that add up to S; the
+pairs (N, S) with 2 to 24 valid answers (74 prompts). Each token is constrained by the
+prompt and the tokens before it (count, order, the running sum), so a model can be partly
+right: well-formed and increasing but with the wrong sum, or the wrong number of digits.
+Its prompts use only words that are already single tokens of the tiny tokenizer (trained on
+the first task), so the tokenizer, and with it the model's vocabulary and initialisation,
+are the same as without it; see ``_tokenizer_corpus``.
+
 Regenerate the shipped data (seeded, byte-for-byte reproducible) with
 ``python -m iris_ref.tiny --write-toy-data``.
 """
@@ -23,6 +36,8 @@ Regenerate the shipped data (seeded, byte-for-byte reproducible) with
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import random
 import re
@@ -38,6 +53,13 @@ TOY_HELDOUT_PATH = TOY_DATA_DIR / "heldout.jsonl"
 TOY_DATA_SEED = 1234
 TOY_TRAIN_SIZE = 2000
 TOY_HELDOUT_SIZE = 200
+
+TOY_LONG_TRAIN_PATH = TOY_DATA_DIR / "long_train.jsonl"
+TOY_LONG_HELDOUT_PATH = TOY_DATA_DIR / "long_heldout.jsonl"
+TOY_LONG_DATA_SEED = 4321
+TOY_LONG_DIGIT_COUNTS = (5, 6, 7, 8)
+TOY_LONG_MIN_ANSWERS = 2
+TOY_LONG_MAX_ANSWERS = 24
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -75,6 +97,17 @@ _PARITY_PROMPT = re.compile(r"Give an (even|odd) number between (\d+) and (\d+)\
 _SUM_ANSWER = re.compile(r"([0-9])\+([0-9])")
 _LETTER_ANSWER = re.compile(r"[a-z]")
 _NUMBER_ANSWER = re.compile(r"0|[1-9][0-9]*")
+_DIGITS_PROMPT = re.compile(r"Give (\d+) digits that add up to (\d+)\.")
+_DIGITS_ANSWER = re.compile(r"[0-9](?:<[0-9])*")
+
+
+@functools.lru_cache(maxsize=None)
+def _increasing_digits(count: int, total: int) -> tuple[str, ...]:
+    """Every ``count`` distinct digits adding up to ``total``, increasing, joined by ``<``."""
+    if not 1 <= count <= 10:
+        return ()
+    return tuple("<".join(map(str, digits)) for digits in itertools.combinations(range(10), count)
+                 if sum(digits) == total)
 
 
 def toy_valid_answers(prompt_text: str) -> list[str]:
@@ -92,6 +125,9 @@ def toy_valid_answers(prompt_text: str) -> list[str]:
         parity, low, high = match.group(1), int(match.group(2)), int(match.group(3))
         remainder = 0 if parity == "even" else 1
         return [str(n) for n in range(low + 1, high) if n % 2 == remainder]
+    match = _DIGITS_PROMPT.search(prompt_text)
+    if match:
+        return list(_increasing_digits(int(match.group(1)), int(match.group(2))))
     raise ValueError(f"not a toy-task prompt: {prompt_text[:80]!r}")
 
 
@@ -117,7 +153,37 @@ def toy_is_correct(prompt_text: str, response_text: str) -> bool:
         value, low, high = int(answer), int(match.group(2)), int(match.group(3))
         wanted = 0 if match.group(1) == "even" else 1
         return low < value < high and value % 2 == wanted
+    match = _DIGITS_PROMPT.search(prompt_text)
+    if match:
+        return toy_long_diagnosis(prompt_text, response_text) == "correct"
     raise ValueError(f"not a toy-task prompt: {prompt_text[:80]!r}")
+
+
+TOY_LONG_DIAGNOSES = ("correct", "wrong_sum", "not_increasing", "wrong_count", "malformed")
+
+
+def toy_long_diagnosis(prompt_text: str, response_text: str) -> str:
+    """How right a response to a long-task prompt (``Give N digits that add up to S.``) is.
+
+    The first that applies, from the worst: ``malformed`` (not single digits joined by
+    ``<``), ``wrong_count`` (not N digits), ``not_increasing`` (a digit not above the one
+    before it, repeats included), ``wrong_sum``; otherwise ``correct``. Surrounding
+    whitespace is ignored, as in ``toy_is_correct``.
+    """
+    match = _DIGITS_PROMPT.search(prompt_text)
+    if not match:
+        raise ValueError(f"not a long toy-task prompt: {prompt_text[:80]!r}")
+    answer = response_text.strip()
+    if not _DIGITS_ANSWER.fullmatch(answer):
+        return "malformed"
+    digits = [int(d) for d in answer.split("<")]
+    if len(digits) != int(match.group(1)):
+        return "wrong_count"
+    if any(a >= b for a, b in zip(digits, digits[1:])):
+        return "not_increasing"
+    if sum(digits) != int(match.group(2)):
+        return "wrong_sum"
+    return "correct"
 
 
 def toy_answer_distance(prompt_text: str, responses: list[str]) -> float:
@@ -167,6 +233,33 @@ def make_toy_rows(num_rows: int, seed: int) -> list[dict]:
     return rows
 
 
+def toy_long_prompts() -> list[tuple[int, int]]:
+    """The long task's (N, S): N in ``TOY_LONG_DIGIT_COUNTS`` and every S with between
+    ``TOY_LONG_MIN_ANSWERS`` and ``TOY_LONG_MAX_ANSWERS`` valid answers."""
+    return [(count, total) for count in TOY_LONG_DIGIT_COUNTS for total in range(46)
+            if TOY_LONG_MIN_ANSWERS <= len(_increasing_digits(count, total)) <= TOY_LONG_MAX_ANSWERS]
+
+
+def make_toy_long_rows(num_rows: int, seed: int) -> list[dict]:
+    """``num_rows`` seeded long-task conversations: N uniform over the digit counts, S uniform
+    over that N's sums, the answer uniform over the valid answers."""
+    rng = random.Random(seed)
+    sums: dict[int, list[int]] = {}
+    for count, total in toy_long_prompts():
+        sums.setdefault(count, []).append(total)
+    rows = []
+    for _ in range(num_rows):
+        count = rng.choice(TOY_LONG_DIGIT_COUNTS)
+        prompt = f"Give {count} digits that add up to {rng.choice(sums[count])}."
+        answer = rng.choice(toy_valid_answers(prompt))
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
 def write_toy_data(directory: Path = TOY_DATA_DIR) -> tuple[Path, Path]:
     """Write the shipped train/heldout JSONL files (two independent seeded draws)."""
     directory = Path(directory)
@@ -174,8 +267,18 @@ def write_toy_data(directory: Path = TOY_DATA_DIR) -> tuple[Path, Path]:
     paths = (directory / TOY_TRAIN_PATH.name, directory / TOY_HELDOUT_PATH.name)
     sizes = (TOY_TRAIN_SIZE, TOY_HELDOUT_SIZE)
     for offset, (path, size) in enumerate(zip(paths, sizes)):
-        rows = make_toy_rows(size, TOY_DATA_SEED + offset)
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        _write_rows(path, make_toy_rows(size, TOY_DATA_SEED + offset))
+    return paths
+
+
+def write_toy_long_data(directory: Path = TOY_DATA_DIR) -> tuple[Path, Path]:
+    """Write the long task's train/heldout JSONL files (two independent seeded draws)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / TOY_LONG_TRAIN_PATH.name, directory / TOY_LONG_HELDOUT_PATH.name)
+    sizes = (TOY_TRAIN_SIZE, TOY_HELDOUT_SIZE)
+    for offset, (path, size) in enumerate(zip(paths, sizes)):
+        _write_rows(path, make_toy_long_rows(size, TOY_LONG_DATA_SEED + offset))
     return paths
 
 
@@ -190,7 +293,13 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _tokenizer_corpus() -> list[str]:
     """Training text of the tiny BPE: the toy train set rendered turn by turn (without the
-    special tokens, which the trainer adds as whole tokens), plus the role names."""
+    special tokens, which the trainer adds as whole tokens), plus the role names.
+
+    The long task is not in it, on purpose: every word of its prompts is already one token
+    and its answers are single characters, so each of its pre-tokens is one token, which no
+    BPE (with this pre-tokeniser) can improve on; adding its rows would only reorder the
+    merges and so change the token ids, the vocabulary size and the model initialisation
+    of the first task (tests/test_tiny.py checks both facts)."""
     texts = [f"{role}\n" for role in ("system", "user", "assistant")]
     for row in _read_jsonl(TOY_TRAIN_PATH):
         for message in row["messages"]:
@@ -283,14 +392,15 @@ def save_tiny_checkpoint(path, seed: int = 0) -> Path:
 
 def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m iris_ref.tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("--write-toy-data", action="store_true", help="regenerate iris_ref/toy_data/*.jsonl")
+    parser.add_argument("--write-toy-data", action="store_true",
+                        help="regenerate iris_ref/toy_data/*.jsonl (both tasks)")
     parser.add_argument("--save-checkpoint", metavar="DIR", help="save a random tiny model + tokenizer to DIR")
     parser.add_argument("--seed", type=int, default=0, help="model init seed for --save-checkpoint")
     args = parser.parse_args(argv)
     if not (args.write_toy_data or args.save_checkpoint):
         parser.error("nothing to do: pass --write-toy-data and/or --save-checkpoint DIR")
     if args.write_toy_data:
-        for path in write_toy_data():
+        for path in (*write_toy_data(), *write_toy_long_data()):
             print(f"wrote {path}")
     if args.save_checkpoint:
         print(f"saved {save_tiny_checkpoint(args.save_checkpoint, seed=args.seed)}")
