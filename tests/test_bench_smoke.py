@@ -145,3 +145,15 @@ def test_throughput_length_mix_respects_the_limits():
 
     assert 90 < statistics.median(p for p, _, _ in lengths) < 150  # the documented medians
     assert 240 < statistics.median(r for _, r, _ in lengths) < 320
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
+    import subprocess
+
+    from tests.driver_helpers import REPO
+
+    before = sorted(p.name for p in (REPO / "bench" / "results").iterdir())
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().count("\n") == 0 and "no CUDA device" in proc.stdout
+    assert sorted(p.name for p in (REPO / "bench" / "results").iterdir()) == before
