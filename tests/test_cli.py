@@ -100,7 +100,7 @@ def _bad_inputs(tmp_path):
         (["--dataset", str(no_assistant)], "no valid rows"),
         (["--dataset", str(few)], "28 usable prompts"),
         (["--num-samples", "10"], "fewer than --global-batch-size 32"),
-        (["--max-prompt-length", "4", "--max-length", "48"], "no valid rows"),
+        (["--max-prompt-length", "4", "--max-length", "48"], "0 usable prompts (skipped: too_long=2000)"),
         (["--alpha-schedule", "constant", "--alpha", "-0.5"], "--alpha must be > 0"),
         (["--alpha-min", "2.5"], "larger than --alpha-max"),
         (["--global-batch-size", "10", "--micro-batch-size", "4"], "does not divide"),
@@ -145,7 +145,7 @@ def test_non_finite_loss_stops_with_the_step_named_and_exit_1(tmp_path, capsys):
     # Step 1 runs at warmup lr 0, step 2's update blows the weights up, step 3's loss is not finite.
     code = run_iris.main([*SMALL, "--epochs", "2", "--learning-rate", "1e30", "--sft-learning-rate", "1e-3",
                           "--output-dir", str(out)])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
     assert code == 1, err
     assert err.startswith("error: iteration 1") and "step 3" in err and "\n" not in err, err
     from transformers import AutoModelForCausalLM
@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_with_the_step_named_and_exit_1(tmp_path, capsys):
 def test_non_finite_weights_after_the_last_step_are_not_saved(tmp_path, capsys):
     out = tmp_path / "run"
     code = run_iris.main([*SMALL, "--learning-rate", "1e30", "--sft-learning-rate", "1e-3", "--output-dir", str(out)])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
     assert code == 1 and err.startswith("error: iteration 1: non-finite"), err
     assert not (out / "iter_1" / "checkpoint").exists() and (out / "iter_0" / "COMPLETE").exists()
 
