@@ -60,6 +60,17 @@ __all__ = [
     "minimise",
     "IterationRecord",
     "self_play",
+    "LinearPolicyClass",
+    "misspecified_class",
+    "sft_gradient",
+    "ml_projection",
+    "minimise_in_class",
+    "self_play_in_class",
+    "iteration_jacobian",
+    "spread_ratios",
+    "linearised_iteration_eigenvalues",
+    "stable_orders",
+    "attractor_period",
     "main",
 ]
 
@@ -344,6 +355,7 @@ class IterationRecord:
     gap: Optional[float] = None  # the gap measured at the opponent of that iteration
     logits: Tensor = field(default=None, repr=False)
     gap_warning: Optional[str] = None  # the schedule's warning at that opponent (gap grew), if any
+    theta: Optional[Tensor] = field(default=None, repr=False)  # parameters of a LinearPolicyClass, if one is used
 
 
 def self_play(
@@ -389,6 +401,316 @@ def self_play(
         )
         history.append(IterationRecord(t + 1, kl_to_data(task, theta), tv_to_data(task, theta), alpha, gap, theta, warning))
     return history
+
+
+# --------------------------------------------------------------------------------------
+# a misspecified policy class (THEORY.md F3)
+
+
+@dataclass(frozen=True)
+class LinearPolicyClass:
+    """Log-linear policies p_θ(y|x) = softmax_y(Φ_x θ): one parameter vector θ ∈ R^d shared by all prompts.
+
+    features: (num_cells, d) float64, one row φ(x, y) per cell in the task's cell order.
+    They are centred within each prompt on construction (a per-prompt constant in the logits
+    does not change the policy, so nothing is lost), and the centred matrix must have full
+    column rank d: then θ ↦ p_θ is injective (no gauge to fix) and the cross-entropy
+    −Σ p(x)p_data(y|x)·log p_θ(y|x) is strictly convex in θ, so the maximum-likelihood
+    projection is unique. The tabular class has Σ_x (K_x − 1) free logits; with d smaller than
+    that the class is a proper subset of it and in general cannot represent p_data
+    (`ml_projection` then has KL > 0). With d = Σ_x (K_x − 1) it is the tabular class again.
+    """
+
+    task: TabularTask
+    features: Tensor
+
+    def __post_init__(self):
+        phi = torch.as_tensor(self.features)
+        if phi.dtype != torch.float64 or phi.dim() != 2:
+            raise ValueError("features must be a 2-D float64 tensor (cells x d)")
+        if phi.shape[0] != self.task.num_cells:
+            raise ValueError(f"features have {phi.shape[0]} rows, the task has {self.task.num_cells} cells")
+        if phi.shape[1] < 1 or not torch.isfinite(phi).all():
+            raise ValueError("features need at least one finite column")
+        centred = torch.cat([block - block.mean(0, keepdim=True) for block in torch.split(phi.detach(), self.task.sizes)])
+        rank = int(torch.linalg.matrix_rank(centred))
+        if rank < phi.shape[1]:
+            raise ValueError(
+                f"the centred features have rank {rank} < d = {phi.shape[1]}: θ is not identifiable "
+                "(some direction of θ leaves every policy unchanged)"
+            )
+        object.__setattr__(self, "features", centred.clone())
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def tabular_dim(self) -> int:
+        """Σ_x (K_x − 1): the number of free logits of the tabular class."""
+        return sum(n - 1 for n in self.task.sizes)
+
+    def logits(self, theta: Tensor) -> Tensor:
+        """Φθ (differentiable), the logits of every cell."""
+        if not isinstance(theta, Tensor) or theta.dtype != torch.float64 or theta.shape != (self.dim,):
+            raise ValueError(f"theta must be a float64 tensor of shape ({self.dim},)")
+        return self.features @ theta
+
+    def kl_to_data(self, theta: Tensor) -> float:
+        """Σ_x p(x)·KL(p_data(·|x) ‖ p_θ(·|x))."""
+        return kl_to_data(self.task, self.logits(theta))
+
+    def tv_to_data(self, theta: Tensor) -> float:
+        return tv_to_data(self.task, self.logits(theta))
+
+    def zeros(self) -> Tensor:
+        """θ = 0: the uniform policy on every prompt."""
+        return torch.zeros(self.dim, dtype=torch.float64)
+
+    @classmethod
+    def random(cls, task: TabularTask, dim: int, seed: int = 0, scale: float = 1.0) -> "LinearPolicyClass":
+        """Gaussian features (seeded) for an existing task."""
+        generator = torch.Generator().manual_seed(seed)
+        return cls(task, scale * torch.randn(task.num_cells, int(dim), generator=generator, dtype=torch.float64))
+
+
+def misspecified_class(sizes: Sequence[int] = (5, 6), dim: int = 3, seed: int = 2, noise: float = 0.8) -> LinearPolicyClass:
+    """A log-linear class that cannot represent its data, with data close enough to be interesting.
+
+    Seeded draws, in this order: Gaussian features Φ (cells × dim), θ_true ~ N(0, I_dim), noise
+    z ~ N(0, noise²) per cell, prompt probabilities softmax(0.3·N(0, 1)). The data are
+    p_data(·|x) = softmax(Φ_x θ_true + z_x): the noise takes them out of the class. The
+    defaults (2 prompts with 5 and 6 responses, d = 3 < 9 free logits) are the class of the
+    tests and of `python -m iris_ref.tabular`: KL at the projection 0.04826.
+    """
+    sizes = [int(n) for n in sizes]
+    generator = torch.Generator().manual_seed(seed)
+    phi = torch.randn(sum(sizes), int(dim), generator=generator, dtype=torch.float64)
+    theta_true = torch.randn(int(dim), generator=generator, dtype=torch.float64)
+    z = noise * torch.randn(sum(sizes), generator=generator, dtype=torch.float64)
+    logits = phi @ theta_true + z
+    rows = tuple(torch.softmax(block, 0) for block in torch.split(logits, sizes))
+    prompts = torch.softmax(0.3 * torch.randn(len(sizes), generator=generator, dtype=torch.float64), 0)
+    return LinearPolicyClass(TabularTask(rows, prompts), phi)
+
+
+def _cross_entropy(policy_class: LinearPolicyClass, theta: Tensor) -> Tensor:
+    log_probs = torch.cat(policy_log_probs(policy_class.task, policy_class.logits(theta)))
+    return -(policy_class.task.joint_data() * log_probs).sum()
+
+
+def sft_gradient(policy_class: LinearPolicyClass, theta: Tensor) -> Tensor:
+    """∇_θ KL(p_data‖p_Φθ) in closed form: Φᵀ(p(x)p_θ(y|x) − p(x)p_data(y|x)) (the SFT gradient)."""
+    with torch.no_grad():
+        return policy_class.features.T @ (_joint(policy_class.task, policy_class.logits(theta)) - policy_class.task.joint_data())
+
+
+def ml_projection(
+    policy_class: LinearPolicyClass, *, start: Optional[Tensor] = None, tolerance: float = 1e-14, max_newton_steps: int = 100
+) -> Tensor:
+    """argmin_θ KL(p_data‖p_Φθ): the population SFT (maximum-likelihood) solution in the class.
+
+    Damped Newton on the strictly convex cross-entropy from `start` (default θ = 0), to a
+    gradient max-norm of `tolerance`; RuntimeError if it does not get below 1e-12.
+    """
+    theta = policy_class.zeros() if start is None else start.detach().clone()
+    theta = _newton(lambda t: _cross_entropy(policy_class, t), theta, tolerance, max_newton_steps)
+    residual = float(sft_gradient(policy_class, theta).abs().max())
+    if residual > 1e-12:
+        raise RuntimeError(f"ml_projection did not converge: gradient {residual:.3g}")
+    return theta
+
+
+def minimise_in_class(
+    policy_class: LinearPolicyClass,
+    opponent_theta: Tensor,
+    objective: Objective = "iris",
+    *,
+    start: Optional[Tensor] = None,
+    steps: Optional[int] = None,
+    step_size: float = 1.0,
+    tolerance: float = 1e-13,
+    max_newton_steps: int = 200,
+    paired: Optional[bool] = None,
+    **constants,
+) -> Tensor:
+    """One exact population self-play iteration in the class: argmin_θ L(Φθ; Φθt), from `start` (default θt).
+
+    As `minimise`, with the parameters θ instead of the logits: steps=K plain gradient steps,
+    steps=None damped Newton to a gradient max-norm of `tolerance`.
+    """
+    opponent_logits = policy_class.logits(opponent_theta.detach()).detach()
+    theta = (opponent_theta if start is None else start).detach().clone()
+    policy_class.logits(theta)  # shape check
+
+    def loss_at(t):
+        return population_loss(policy_class.task, policy_class.logits(t), opponent_logits, objective, paired=paired, **constants).loss
+
+    if steps is not None:
+        if steps < 0 or step_size <= 0:
+            raise ValueError(f"need steps >= 0 and step_size > 0, got {steps}, {step_size}")
+        theta.requires_grad_(True)
+        for _ in range(int(steps)):
+            (grad,) = torch.autograd.grad(loss_at(theta), theta)
+            with torch.no_grad():
+                theta -= step_size * grad
+        return theta.detach()
+    return _newton(loss_at, theta, tolerance, max_newton_steps)
+
+
+def self_play_in_class(
+    policy_class: LinearPolicyClass,
+    initial_theta: Tensor,
+    objective: Objective = "iris",
+    *,
+    iterations: int = 5,
+    schedule: Optional[AlphaSchedule] = None,
+    steps: Optional[int] = None,
+    step_size: float = 1.0,
+    tolerance: float = 1e-13,
+    paired: Optional[bool] = None,
+    **constants,
+) -> list:
+    """`self_play` in the log-linear class: θ_{t+1} = argmin_θ L(θ; θt); IterationRecords 0..T with `theta` set."""
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if schedule is not None and "alpha" in constants:
+        raise ValueError("give either alpha or an AlphaSchedule, not both")
+    task = policy_class.task
+    theta = initial_theta.detach().clone()
+    logits = policy_class.logits(theta).detach()
+    history = [IterationRecord(0, kl_to_data(task, logits), tv_to_data(task, logits), logits=logits, theta=theta)]
+    gaps = []
+    for t in range(iterations):
+        alpha = gap = warning = None
+        step_constants = dict(constants)
+        if schedule is not None:
+            gap = exact_auc_gap(task, logits) if schedule.gap == "auc" else exact_mean_gap(task, logits)
+            gaps.append(gap)
+            alpha = schedule.alpha_for(t, gaps)
+            warning = schedule.gap_warning(gaps)
+            step_constants["alpha"] = alpha
+        elif "alpha" in constants:
+            alpha = float(constants["alpha"])
+        theta = minimise_in_class(
+            policy_class, theta, objective, steps=steps, step_size=step_size, tolerance=tolerance, paired=paired, **step_constants
+        )
+        logits = policy_class.logits(theta).detach()
+        history.append(
+            IterationRecord(t + 1, kl_to_data(task, logits), tv_to_data(task, logits), alpha, gap, logits, warning, theta)
+        )
+    return history
+
+
+def iteration_jacobian(
+    policy_class: LinearPolicyClass, theta: Tensor, objective: Objective = "iris", *, eps: float = 1e-5, **constants
+) -> Tensor:
+    """∂θ_{t+1}/∂θt of the exact iteration at θt = theta, by central differences of `minimise_in_class`.
+
+    Each of the 2d solves is converged to a gradient of 1e-13, so the entries are accurate to
+    about 1e-8 (rounding/eps plus eps² times the third derivative).
+    """
+    d = policy_class.dim
+    columns = []
+    for i in range(d):
+        e = torch.zeros(d, dtype=torch.float64)
+        e[i] = eps
+        up = minimise_in_class(policy_class, theta + e, objective, **constants)
+        down = minimise_in_class(policy_class, theta - e, objective, **constants)
+        columns.append((up - down) / (2 * eps))
+    return torch.stack(columns, dim=1)
+
+
+def _fisher_and_data_second_moment(policy_class: LinearPolicyClass, theta: Tensor) -> tuple:
+    """F = Σ_x p(x) Cov_{p_θ(·|x)}(φ) and S = E_{p(x)p_data(y|x)}[ψψᵀ] with ψ = φ − E_{p_θ(·|x)}φ."""
+    task = policy_class.task
+    with torch.no_grad():
+        probs = [torch.softmax(c, 0) for c in torch.split(policy_class.logits(theta), task.sizes)]
+        psi = torch.cat([f - p @ f for f, p in zip(torch.split(policy_class.features, task.sizes), probs)])
+        model = torch.cat([px * p for px, p in zip(task.prompt_probs, probs)])
+        data = task.joint_data()
+        return psi.T @ (model[:, None] * psi), psi.T @ (data[:, None] * psi)
+
+
+def spread_ratios(policy_class: LinearPolicyClass, theta: Optional[Tensor] = None) -> Tensor:
+    """λ_1 ≤ … ≤ λ_d: generalised eigenvalues of S v = λ F v at the projection (default) or theta.
+
+    F is the model's Fisher information (the Hessian of the SFT loss), S the second moment of
+    the model-centred features under the DATA: λ > 1 along directions where the data are more
+    spread than the model. In the tabular (realizable) case p_θ* = p_data and every λ = 1.
+    """
+    theta = ml_projection(policy_class) if theta is None else theta
+    fisher, second = _fisher_and_data_second_moment(policy_class, theta)
+    cholesky = torch.linalg.cholesky(fisher)
+    inner = torch.linalg.solve_triangular(cholesky, torch.linalg.solve_triangular(cholesky, second, upper=False).T, upper=False)
+    return torch.linalg.eigvalsh(0.5 * (inner + inner.T))
+
+
+def _effective_metric(objective: Objective, constants: dict):
+    """(a, b) with M = a·F + b·S the Hessian of the quadratic model of L per unit β², and the
+    gradient scale c of F3: δ = c·(1/β)·M⁻¹·(−∇KL). None for an unknown objective."""
+    if objective in ("iris",):
+        alpha = float(constants["alpha"])
+        return alpha, 1.0 - alpha
+    if objective in ("spin",):
+        return 0.5, 0.5  # SPIN's quadratic model is IRIS's at α = ½ (pairs within a prompt)
+    if objective in ("space",):
+        mu = float(constants.get("mu", 1.0))
+        return mu / (1.0 + mu), 1.0 / (1.0 + mu)  # IRIS's at α = μ/(1+μ)
+    if objective in ("spif",):
+        return 0.5, 0.0  # M = F/2: a Newton step of twice the length
+    raise ValueError(f"no closed-form linearisation for objective {objective!r}")
+
+
+def linearised_iteration_eigenvalues(
+    policy_class: LinearPolicyClass, objective: Objective = "iris", *, theta: Optional[Tensor] = None, beta: float = 1.0, **constants
+) -> Tensor:
+    """Eigenvalues of the exact iteration's Jacobian at the projection θ*, in closed form (sorted).
+
+    Near θ* one exact iteration is a preconditioned Newton step on the SFT loss,
+    θ_{t+1} − θ* ≈ (I − (1/β)·M⁻¹F)(θt − θ*) with M = a·F + b·S (the quadratic model of the
+    objective, THEORY.md C2): IRIS a = α, b = 1 − α; SPIN a = b = ½; SPACE a = μ/(1+μ),
+    b = 1/(1+μ); SPIF a = ½, b = 0. So the eigenvalues are ν_i = 1 − 1/(β·(a + b·λ_i)), λ_i from
+    `spread_ratios`: IRIS at α = 1, β = 1 gives ν = 0 (it IS the SFT loss up to a constant,
+    the minimiser is θ* in one step), SPIF gives 1 − 2/β (= −1 at β = 1: neutral), and the
+    iteration is linearly stable iff β·(a + b·λ_i) > ½ for every i.
+    """
+    a, b = _effective_metric(objective, constants)
+    lam = spread_ratios(policy_class, theta)
+    return torch.sort(1.0 - 1.0 / (float(beta) * (a + b * lam))).values
+
+
+def stable_orders(policy_class: LinearPolicyClass, *, beta: float = 1.0, theta: Optional[Tensor] = None) -> tuple:
+    """(α_low, α_high): the IRIS orders for which the iteration is linearly stable at the projection.
+
+    From β·(α + (1 − α)·λ_i) > ½ for every λ_i of `spread_ratios`: each is linear in α, so the
+    set is an interval ((0, 0) when it is empty). λ within 1e-9 of 1 counts as 1. At β = 1: α_high = 1 + 1/(2(λ_max − 1))
+    when λ_max > 1 (data more spread than the model somewhere), else ∞; α_low = 1 −
+    1/(2(1 − λ_min)) when λ_min < ½, else 0. Beyond α_high the largest eigenvalue crosses −1
+    (a flip): the projection repels and the iteration cannot converge to it.
+    """
+    lam = spread_ratios(policy_class, theta)
+    half = 0.5 / float(beta)
+    low, high = 0.0, math.inf
+    for value in lam.tolist():
+        slope, offset = 1.0 - value, half - value  # need α·slope > offset
+        if abs(slope) <= 1e-9:  # λ = 1 up to rounding (the realizable case): β > ½ is the condition
+            if offset >= 0:
+                return (0.0, 0.0)
+        elif slope > 0:
+            low = max(low, offset / slope)
+        else:
+            high = min(high, offset / slope)
+    return low, high
+
+
+def attractor_period(thetas: Sequence[Tensor], tolerance: float = 1e-9, max_period: int = 30) -> Optional[int]:
+    """The smallest p ≤ max_period with ‖θ_{t+p} − θ_t‖ ≤ tolerance over the second half of the sequence (None if none)."""
+    tail = list(thetas)[len(thetas) // 2 :]
+    for p in range(1, min(max_period, len(tail) - 1) + 1):
+        if all(float((tail[i] - tail[i - p]).norm()) <= tolerance for i in range(p, len(tail))):
+            return p
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -114,6 +114,35 @@ MUTANTS = {
 
 
 # --------------------------------------------------------------------------------------
+# Wrong objectives for the misspecified fixed point (THEORY.md F3), signature of iris_loss.
+# Kept apart from MUTANTS (the audit and golden-vector tests require every MUTANT rejected by
+# them; these two are aimed at F3 only).
+
+
+def iris_doubled_annotated(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Mis-scaled: the annotated tilted term counted twice. Gradient at θt = 2β·∇KL (c = 2, not 1);
+    its fixed points are still stationary points of KL, so only the gradient identity sees it."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, synthetic_weights)
+    loss = 2.0 * _naive_tilted(-r, 1.0 - alpha, pi) + _naive_tilted(rs, alpha, rho)
+    out = _output(loss, r, rs, 1.0 - alpha, alpha, pi, rho)
+    return ObjectiveOutput(loss, 2.0 * out.real_weights, out.synthetic_weights, out.real_rewards, out.synthetic_rewards)
+
+
+def iris_unweighted_synthetic(pr, ps, orr, os_, *, alpha, beta=0.1, real_weights: Optional[Tensor] = None, synthetic_weights: Optional[Tensor] = None):
+    """Bug: the synthetic term ignores its sample weights (uniform over the synthetic samples, as
+    if every response had been sampled once). At θt the synthetic gradient E_uniform ∇log p_θ is
+    not 0, so the fixed point is not the maximum-likelihood projection."""
+    r, rs, pi, rho = _prepare(pr, ps, orr, os_, beta, real_weights, None)
+    loss = _naive_tilted(-r, 1.0 - alpha, pi) + _naive_tilted(rs, alpha, rho)
+    return _output(loss, r, rs, 1.0 - alpha, alpha, pi, rho)
+
+
+FIXED_POINT_MUTANTS = {
+    "doubled_annotated": iris_doubled_annotated,
+    "unweighted_synthetic": iris_unweighted_synthetic,
+}
+
+# --------------------------------------------------------------------------------------
 # Wrong adaptive order schedules (THEORY.md §4), signature of
 # `iris_ref.schedule.adaptive_alpha(gaps, alpha_min, alpha_max)`. Kept apart from MUTANTS,
 # which the audit and golden-vector tests run as IRIS objectives.
@@ -169,7 +198,9 @@ SCHEDULE_MUTANTS = {
 __all__ = [
     "MUTANTS",
     "SCHEDULE_MUTANTS",
+    "FIXED_POINT_MUTANTS",
     "COARSE_SERIES_THRESHOLD",
     *[f.__name__ for f in MUTANTS.values()],
     *[f.__name__ for f in SCHEDULE_MUTANTS.values()],
+    *[f.__name__ for f in FIXED_POINT_MUTANTS.values()],
 ]
