@@ -28,8 +28,27 @@ is the log-probability), annotated responses are distributed as p(x)·p_data(y|x
 ones as p(x)·p_θt(y|x), pooled over prompts as in the pipeline, and
 AUC = P(s(y') > s(y)) + ½·P(s(y') = s(y)) is summed exactly over all pairs of cells.
 
+A misspecified class (THEORY.md F3): `LinearPolicyClass` holds log-linear policies
+p_θ(y|x) = softmax(Φ_x θ) with one parameter vector θ ∈ R^d SHARED by all prompts (features
+centred per prompt, full column rank, so θ is identifiable with no gauge to fix). With d below
+the tabular class's Σ_x (K_x − 1) free logits it cannot represent p_data in general;
+`misspecified_class()` is the one of the tests and the script (2 prompts, 5 and 6 responses,
+d = 3). `ml_projection` is the SFT solution argmin_θ KL(p_data‖p_Φθ) (Newton on the strictly
+convex cross-entropy), `minimise_in_class` / `self_play_in_class` the exact population
+iteration θ_{t+1} = argmin_θ L(θ; θt) in the class. At θ = θt every objective's gradient is
+c·β·∇KL(p_data‖p_θ) (`sft_gradient`), so a fixed point of the iteration is the projection. Near
+it one exact iteration is a preconditioned Newton step on the SFT loss,
+θ_{t+1} − θ* ≈ (I − (1/β)·M⁻¹F)(θt − θ*), with F the Fisher information at θ*, S the data's
+second moment of the model-centred features and M = a·F + b·S (IRIS: a = α, b = 1 − α; SPIN:
+½, ½; SPACE: μ/(1+μ), 1/(1+μ); SPIF: ½, 0): `linearised_iteration_eigenvalues`, checked against
+the finite-difference Jacobian of the exact iteration (`iteration_jacobian`). Its eigenvalues
+1 − 1/(β(a + bλ)), λ the eigenvalues of F⁻¹S (`spread_ratios`; all 1 when realizable), say
+which orders and β converge (`stable_orders`): for the default class λ_max = 1.1376 and the
+projection repels for α > 4.6335 at β = 1 (a 2-cycle at α = 5), for β ≤ ½ at α = 1.
+
 `python -m iris_ref.tabular --help` runs the comparison of IRIS (adaptive and fixed α), SPIN,
-SPACE and SPIF from a common start and writes a plot.
+SPACE and SPIF from a common start and writes a plot; then the same methods, iterated to
+convergence, in the misspecified class, and a scan of large orders there.
 """
 
 from __future__ import annotations
@@ -757,7 +776,24 @@ def _parse(argv):
     parser.add_argument("--alpha-max", type=float, default=2.0, help="adaptive schedule's largest alpha (default: 2)")
     parser.add_argument("--mu", type=float, default=1.0, help="SPACE's mu (default: 1)")
     parser.add_argument("--output", type=Path, default=Path("runs/tabular/tabular.png"), help="PNG plot path")
+    parser.add_argument(
+        "--class-iterations",
+        type=int,
+        default=100,
+        help="iterations in the misspecified log-linear class (THEORY.md F3; default: 100; 0 skips that part)",
+    )
+    parser.add_argument(
+        "--class-orders",
+        type=float,
+        nargs="+",
+        default=[3.0, 4.5, 4.7, 5.0, 6.0],
+        help="IRIS orders of the stability scan in the misspecified class (default: 3 4.5 4.7 5 6)",
+    )
     args = parser.parse_args(argv)
+    if args.class_iterations < 0:
+        parser.error("--class-iterations must be >= 0")
+    if any(a <= 0 for a in args.class_orders):
+        parser.error("--class-orders must be > 0")
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
     if any(n < 2 for n in args.sizes):
@@ -774,13 +810,102 @@ def _parse(argv):
     return args
 
 
-def _plot(results: dict, path: Path, title: str) -> None:
+CLASS_METHODS = (
+    ("IRIS a=0.25", "iris", {"alpha": 0.25}),
+    ("IRIS a=0.5", "iris", {"alpha": 0.5}),
+    ("IRIS a=1", "iris", {"alpha": 1.0}),
+    ("IRIS a=2", "iris", {"alpha": 2.0}),
+    ("IRIS a=3", "iris", {"alpha": 3.0}),
+    ("IRIS a=5", "iris", {"alpha": 5.0}),
+    ("SPIN", "spin", {}),
+    ("SPACE mu=1", "space", {"mu": 1.0}),
+    ("SPIF", "spif", {}),
+)
+
+
+def _class_outcome(thetas: Sequence[Tensor], kls: Sequence[float], theta_star: Tensor) -> str:
+    """One phrase: converged, a p-cycle (with its KL values), converging slowly, or neither."""
+    distance = float((thetas[-1] - theta_star).norm())
+    if distance <= 1e-8:
+        return f"converged: |theta_T - theta*| = {distance:.1e}"
+    period = attractor_period(thetas[-2 * 30 :] if len(thetas) >= 60 else thetas, tolerance=1e-6)
+    if period is not None and distance > 1e-3:
+        values = sorted(kls[-period:])
+        shown = " / ".join(f"{v:.4f}" for v in values) if period <= 6 else f"{values[0]:.4f} .. {values[-1]:.4f}"
+        return f"{period}-cycle, KL {shown}"
+    earlier = float((thetas[len(thetas) // 2] - theta_star).norm())
+    if distance < earlier:
+        return f"converging slowly: |theta_T - theta*| = {distance:.1e}"
+    return f"no period <= 30: KL {min(kls[len(kls) // 2:]):.4f} .. {max(kls[len(kls) // 2:]):.4f}, |theta_T - theta*| = {distance:.2f}"
+
+
+def _misspecified_part(args) -> dict:
+    """Print the F3 tables (and return the KL histories for the plot): exact self-play in the misspecified class."""
+    policy_class = misspecified_class()
+    theta_star = ml_projection(policy_class)
+    kl_star = policy_class.kl_to_data(theta_star)
+    low, high = stable_orders(policy_class)
+    lam = spread_ratios(policy_class)
+    start = policy_class.zeros()
+    iterations = args.class_iterations
+    print(
+        f"\nmisspecified log-linear class (THEORY.md F3): {len(policy_class.task.sizes)} prompts with "
+        f"{policy_class.task.sizes} responses, d = {policy_class.dim} shared parameters (the tabular class has "
+        f"{policy_class.tabular_dim}); beta = 1, every iteration to convergence (Newton)\n"
+        f"ML projection theta*: KL(p_data||p_theta*) = {kl_star:.6f} > 0 (p_data is not representable); "
+        f"spread ratios lambda = {', '.join(f'{v:.4f}' for v in lam.tolist())}\n"
+        f"linearised iteration stable around theta* for IRIS orders alpha in ({low:g}, {high:.4f}); "
+        f"start theta = 0 (uniform policy), KL = {policy_class.kl_to_data(start):.6f}"
+    )
+    histories = {}
+    for label, objective, constants in CLASS_METHODS:
+        histories[label] = self_play_in_class(policy_class, start, objective, iterations=iterations, beta=1.0, **constants)
+    labels = list(histories)
+    width = max(13, *(len(label) + 2 for label in labels))
+    shown = sorted({t for t in (0, 1, 2, 3, 5, 10, 20, 40, 60, 80, iterations) if t <= iterations})
+    print("\nKL(p_data || p_theta_t) in the class (KL at the projection: " + f"{kl_star:.6f})")
+    print("iter " + "".join(f"{label:>{width}}" for label in labels))
+    for t in shown:
+        print(f"{t:>4} " + "".join(f"{histories[label][t].kl:>{width}.6f}" for label in labels))
+    print("dist " + "".join(f"{float((histories[label][-1].theta - theta_star).norm()):>{width}.1e}" for label in labels))
+    print("(dist: |theta_T - theta*|; SPIF overshoots: its linearised iteration is -I)")
+
+    print(f"\nstability of the exact IRIS iteration around the projection ({iterations} iterations from theta* + 0.01)")
+    print(f"{'alpha':>6} {'min nu':>8}  outcome")
+    near = theta_star + 0.01 * torch.ones(policy_class.dim, dtype=torch.float64)
+    for alpha in sorted(set(args.class_orders)):
+        nu = float(linearised_iteration_eigenvalues(policy_class, "iris", alpha=alpha).min())
+        if iterations:
+            run = self_play_in_class(policy_class, near, "iris", iterations=iterations, alpha=alpha, beta=1.0)
+            outcome = _class_outcome([h.theta for h in run], [h.kl for h in run], theta_star)
+        else:
+            outcome = "-"
+        print(f"{alpha:>6g} {nu:>8.3f}  {outcome}")
+    print(f"(nu: the closed-form eigenvalues 1 - 1/(alpha + (1 - alpha) lambda) of the linearised map; |nu| > 1 repels, alpha_c = {high:.4f})")
+    return {"histories": histories, "kl_star": kl_star}
+
+
+def _plot(results: dict, path: Path, title: str, misspecified: Optional[dict] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_kl, ax_alpha) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    if misspecified is None:
+        fig, (ax_kl, ax_alpha) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    else:
+        fig, (ax_kl, ax_alpha, ax_class) = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [2, 1, 2]})
+        kl_star = misspecified["kl_star"]
+        for label, history in misspecified["histories"].items():
+            excess = [max(h.kl - kl_star, 1e-17) for h in history]
+            ax_class.semilogy([h.iteration for h in history], excess, marker="o", ms=2, lw=1, label=label)
+        ax_class.set_xlabel("self-play iteration t")
+        ax_class.set_ylabel("KL(p_data || p_theta_t) - KL at the ML projection")
+        ax_class.set_title(
+            f"misspecified class (d=3): KL above the SFT solution's {kl_star:.4f}; beta=1, to convergence", fontsize=9
+        )
+        ax_class.grid(True, which="both", alpha=0.3)
+        ax_class.legend(fontsize=7, ncol=2)
     for label, history in results.items():
         kls = [max(h.kl, 1e-16) for h in history]
         ax_kl.semilogy([h.iteration for h in history], kls, marker="o", ms=3, label=label)
@@ -843,7 +968,8 @@ def main(argv=None) -> int:
         + "; gap_t = "
         + ", ".join(f"{h.gap:.3f}" for h in adaptive[1:])
     )
-    _plot(results, args.output, f"beta={args.beta:g}, {mode}")
+    misspecified = _misspecified_part(args) if args.class_iterations > 0 else None
+    _plot(results, args.output, f"beta={args.beta:g}, {mode}", misspecified)
     print(f"plot: {args.output}")
     return 0
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from iris_ref import divergences as D
 from iris_ref import tabular
 from iris_ref.objectives import iris_loss
-from iris_ref.schedule import AlphaSchedule, auc_gap
+from iris_ref.schedule import AlphaSchedule, adaptive_alpha, auc_gap, gap_warning
 from theory_tests.conftest import examples
 
 
@@ -138,6 +138,24 @@ def test_self_play_records_the_adaptive_schedule():
     assert history[1].gap == pytest.approx(tabular.exact_auc_gap(task, start))
     assert history[2].gap == pytest.approx(tabular.exact_auc_gap(task, history[1].logits))
     assert history[-1].kl < history[0].kl
+    # The schedule gets the whole gap history: α_t = adaptive_alpha(gap_0..gap_t), never rising.
+    gaps = [h.gap for h in history[1:]]
+    assert [h.alpha for h in history[1:]] == [adaptive_alpha(gaps[: t + 1]) for t in range(len(gaps))]
+    assert all(b <= a for a, b in zip([h.alpha for h in history[1:]], [h.alpha for h in history[2:]]))
+    assert [h.gap_warning for h in history[1:]] == [gap_warning(gaps[: t + 1]) for t in range(len(gaps))]
+
+
+def test_self_play_in_class_records_theta_and_schedule():
+    """self_play_in_class records θ_t with logits Φθ_t, and follows an AlphaSchedule on the exact gap of Φθ_t."""
+    policy_class = tabular.misspecified_class()
+    start = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    history = tabular.self_play_in_class(policy_class, start, "iris", iterations=3, schedule=AlphaSchedule(), beta=1.0)
+    assert torch.equal(history[0].theta, start) and history[1].alpha == 2.0
+    for h in history:
+        assert torch.allclose(h.logits, policy_class.logits(h.theta), rtol=0, atol=0)
+        assert h.kl == pytest.approx(policy_class.kl_to_data(h.theta), rel=1e-15)
+    assert history[2].gap == pytest.approx(tabular.exact_auc_gap(policy_class.task, history[1].logits))
+    assert all(b <= a for a, b in zip([h.alpha for h in history[1:]], [h.alpha for h in history[2:]]))
 
 
 def test_bad_input_raises_value_error():
@@ -164,12 +182,20 @@ def test_bad_input_raises_value_error():
 def test_script_prints_table_and_writes_plot(tmp_path, capsys):
     """`python -m iris_ref.tabular` prints a per-iteration KL table for every method and writes the PNG."""
     out = tmp_path / "plot.png"
-    assert tabular.main(["--iterations", "2", "--steps", "2", "--output", str(out)]) == 0
+    argv = ["--iterations", "2", "--steps", "2", "--output", str(out), "--class-iterations", "3", "--class-orders", "3", "5"]
+    assert tabular.main(argv) == 0
     text = capsys.readouterr().out
     for label in ("IRIS adaptive", "IRIS a=0.5", "IRIS a=1", "IRIS a=2", "SPIN", "SPACE mu=1", "SPIF"):
         assert label in text
     assert "KL(p_data || p_theta_t)" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The misspecified part (THEORY.md F3): the class, its projection, the KL table and the stability scan.
+    assert "misspecified log-linear class" in text and "KL(p_data||p_theta*) = 0.048264" in text
+    assert "alpha in (0, 4.6335)" in text and "IRIS a=0.25" in text and "IRIS a=5" in text
+    assert "stability of the exact IRIS iteration" in text and "-1.224" in text  # min nu at alpha = 5
+    # --class-iterations 0 skips it.
+    assert tabular.main(["--iterations", "1", "--steps", "1", "--output", str(out), "--class-iterations", "0"]) == 0
+    assert "misspecified" not in capsys.readouterr().out
 
 
 def test_script_rejects_bad_options(capsys):
@@ -178,3 +204,6 @@ def test_script_rejects_bad_options(capsys):
         tabular.main(["--beta", "-1"])
     assert excinfo.value.code == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tabular.main(["--class-iterations", "-1"])
+    assert "--class-iterations must be >= 0" in capsys.readouterr().err
