@@ -3,6 +3,8 @@
 Tabular softmax policies through `iris_ref.tabular` (exact population objectives, no
 sampling). Each claim is a `check_<claim>(loss_fn, ...)` raising AssertionError, run on the
 reference under hypothesis and, as a negative control, on the mutants it should reject.
+F3 (a class that cannot represent p_data: the fixed point is the SFT solution) is in
+test_misspecified.py.
 """
 
 from __future__ import annotations
