@@ -77,12 +77,17 @@ def _plain(value):
 class MetricsLog:
     """The per-step records of one training phase: `metrics.jsonl`, and TensorBoard events if asked.
 
-    After a resume the trainer replays from its last saved state; `finish()` rewrites the file
-    keeping the last record of every step, so it equals an uninterrupted run's.
+    A resumed phase replays the steps after its last saved state (`resume_step`); the records
+    of those steps from before the crash are dropped when the log is opened, so the file ends
+    up equal to an uninterrupted run's.
     """
 
-    def __init__(self, path: Path, iteration: int, *, tensorboard_dir: Optional[Path] = None, step_offset: int = 0):
+    def __init__(self, path: Path, iteration: int, *, resume_step: Optional[int] = None,
+                 tensorboard_dir: Optional[Path] = None, step_offset: int = 0):
         self.path, self.iteration, self.step_offset = Path(path), iteration, step_offset
+        if self.path.exists():
+            kept = [r for r in files.read_jsonl(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
+            files.write_jsonl(self.path, kept)
         self._writer = None
         if tensorboard_dir is not None and distributed.is_main_process():
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -100,14 +105,4 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "iteration"):
                     self._writer.add_scalar(key, value, global_step=step)
-
-    def finish(self) -> list[dict]:
-        if self._writer is not None:
-            self._writer.close()
-        records = []
-        if self.path.exists():
-            by_step = {r.get("step"): r for r in files.read_jsonl(self.path)}
-            records = [by_step[k] for k in sorted(by_step, key=lambda s: (s is None, s or 0))]
-            files.write_jsonl(self.path, records)
-        distributed.barrier()
-        return records
+            self._writer.flush()

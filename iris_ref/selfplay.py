@@ -36,19 +36,16 @@ from typing import Optional
 import torch
 
 from iris_ref import data as data_lib
-from iris_ref import distributed, files, models, rundir, trainer
+from iris_ref import distributed, files, models, rundir, train_state, trainer
 from iris_ref.config import IrisConfig
 from iris_ref.metrics import MetricsLog
 from iris_ref.objectives import get_objective
 from iris_ref.schedule import AlphaSchedule, per_token_scores
+from iris_ref.trainer import TrainingFailure  # raised here too: non-finite weights are not saved
 
 
 class InputError(ValueError):
     """Bad user input found before heavy work (CLI: one line, exit code 2)."""
-
-
-class TrainingFailure(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is intact (exit 1)."""
 
 
 def log(message: str) -> None:
@@ -124,8 +121,9 @@ def self_play_iteration(run: Run, t: int) -> None:
     # 4. train θ_t from θ_{t-1}
     objective = make_objective(config, alpha)
     fingerprint = {"loss": config.loss, "alpha": alpha if config.loss == "iris" else None, "beta": config.beta}
-    result = train(run, policy, data, objective, it, epochs=config.epochs, learning_rate=config.learning_rate,
-                   desc=f"iteration {t} training", fingerprint=fingerprint)
+    result = trainer.train(policy, data, objective, config, pad_token_id=run.tokenizer.pad_token_id,
+                           epochs=config.epochs, learning_rate=config.learning_rate, state_dir=it.trainer_state,
+                           log=metrics_log(run, it), desc=f"iteration {t} training", fingerprint=fingerprint)
 
     # 5. save θ_t, evaluate it, mark the iteration complete
     save_policy(run, policy, data, it.checkpoint, phase=f"iteration {t}")
@@ -165,8 +163,10 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
     data = trainer.TrainingData(real=run.encoded)
     log(f"SFT warm-up: up to {config.sft_epochs} epochs on {len(run.encoded)} annotated responses")
     if config.sft_patience is None:
-        result = train(run, policy, data, None, it, epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
-                       desc="SFT warm-up", fingerprint={"loss": "sft"})
+        result = trainer.train(policy, data, None, config, pad_token_id=run.tokenizer.pad_token_id,
+                               epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                               state_dir=it.trainer_state, log=metrics_log(run, it), desc="SFT warm-up",
+                               fingerprint={"loss": "sft"})
         save_policy(run, policy, data, it.checkpoint, phase="SFT warm-up")
         files.write_json(it.path / "train_summary.json", result)
         return policy
@@ -176,8 +176,10 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
     for epoch in range(len(history) + 1, config.sft_epochs + 1):
         if best is not None and epoch - 1 - best["epoch"] >= config.sft_patience:
             break
-        result = train(run, policy, data, None, it, epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
-                       max_steps=epoch * steps_per_epoch, desc=f"SFT warm-up, epoch {epoch}", fingerprint={"loss": "sft"})
+        result = trainer.train(policy, data, None, config, pad_token_id=run.tokenizer.pad_token_id,
+                               epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                               state_dir=it.trainer_state, log=metrics_log(run, it), max_steps=epoch * steps_per_epoch,
+                               desc=f"SFT warm-up, epoch {epoch}", fingerprint={"loss": "sft"})
         nll = heldout_nll(run, policy)
         history.append({"epoch": epoch, "heldout_nll": nll, "train_loss": result.get("loss")})
         if best is None or nll < best["heldout_nll"]:
@@ -259,18 +261,11 @@ def make_objective(config: IrisConfig, alpha: float):
     return functools.partial(get_objective(config.loss), **constants)
 
 
-def train(run: Run, policy, data, objective, it: rundir.IterationDir, **kwargs) -> dict:
-    """`trainer.train` with this run's options, metrics log and trainer state."""
-    metrics = MetricsLog(it.path / "metrics.jsonl", it.t, step_offset=_steps_before(run, it.t),
-                         tensorboard_dir=run.dir / "tensorboard" if run.config.report_to == "tensorboard" else None)
-    try:
-        result = trainer.train(policy, data, objective, run.config, pad_token_id=run.tokenizer.pad_token_id,
-                               state_dir=it.trainer_state, log=metrics, **kwargs)
-    except trainer.NonFiniteLossError as exc:
-        raise TrainingFailure(f"{kwargs.get('desc', 'training')}: {exc}") from None
-    finally:
-        metrics.finish()
-    return result
+def metrics_log(run: Run, it: rundir.IterationDir) -> MetricsLog:
+    """This phase's `metrics.jsonl` (and TensorBoard events), without the steps a resume redoes."""
+    tensorboard = run.dir / "tensorboard" if run.config.report_to == "tensorboard" else None
+    return MetricsLog(it.path / "metrics.jsonl", it.t, resume_step=train_state.saved_step(it.trainer_state),
+                      tensorboard_dir=tensorboard, step_offset=_steps_before(run, it.t))
 
 
 def save_policy(run: Run, policy, data: trainer.TrainingData, path: Path, *, phase: str) -> None:

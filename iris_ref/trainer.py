@@ -58,13 +58,17 @@ from iris_ref.metrics import objective_metrics, summarise
 from iris_ref.progress import Progress
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingFailure(RuntimeError):
+    """The run cannot go on; the last good checkpoint and trainer state are intact (CLI: exit 1)."""
+
+
+class NonFiniteLossError(TrainingFailure):
     """The loss or the gradient norm of an optimizer step is NaN or infinite."""
 
-    def __init__(self, step: int, what: str, value: float):
+    def __init__(self, desc: str, step: int, what: str, value: float):
         self.step = step
-        super().__init__(f"non-finite {what} ({value}) at optimizer step {step}; stopped before updating the model, "
-                         "the last saved state is intact (lower the learning rate, and check the data)")
+        super().__init__(f"{desc}: non-finite {what} ({value}) at optimizer step {step}; stopped before updating "
+                         "the model, the last saved state is intact (lower the learning rate, and check the data)")
 
 
 @dataclass
@@ -150,9 +154,9 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
             out = accumulate_gradient(policy, data, prompts, objective, config.micro_batch_size, pad_token_id, config.bf16)
             grad_norm = float(_full(nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)))
             if not math.isfinite(out["loss"]):
-                raise NonFiniteLossError(step, "loss", out["loss"])
+                raise NonFiniteLossError(desc, step, "loss", out["loss"])
             if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(step, "gradient norm", grad_norm)
+                raise NonFiniteLossError(desc, step, "gradient norm", grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -186,7 +190,12 @@ def accumulate_gradient(policy, data: TrainingData, prompts: list[int], objectiv
         local = [forward_logps(policy, batch.sequences(mb), pad_token_id, bf16=bf16) for mb in micro]
     logps = batch.gather(local).requires_grad_()
     # 2. the objective over the whole global batch, and c_i = dL/dlog p(y_i) for every sequence
-    loss, metrics = batch.objective(objective, logps)
+    if objective is None:  # SFT: the mean negative log-likelihood per response token
+        loss = -logps.sum() / batch.response_tokens
+        metrics = {"loss": float(loss.detach()), "logps/real": float(logps.detach().double().mean())}
+    else:
+        out = objective(*batch.split(logps))
+        loss, metrics = out.loss, objective_metrics(out, *batch.split(logps.detach())[:2])
     (coefficients,) = torch.autograd.grad(loss, logps)
     # 3. back-propagate Σ c_i log p(y_i), micro-batch by micro-batch, with the c_i fixed
     world = distributed.get_world_size()
@@ -199,7 +208,7 @@ def accumulate_gradient(policy, data: TrainingData, prompts: list[int], objectiv
 
 class GlobalBatch:
     """The sequences of one optimizer step, in one vector: the G annotated ones, then the G·K
-    synthetic ones (prompt-major), with the objective that ties them together.
+    synthetic ones (prompt-major); how they are cut into micro-batches and split for the objective.
 
     `plan[r]` lists rank r's micro-batches (positions in that vector): all sequences sorted by
     length and cut into world × accumulation chunks with the least padding (`least_padding_cuts`),
@@ -232,19 +241,16 @@ class GlobalBatch:
         out[positions] = values
         return out
 
-    def objective(self, objective: Optional[Callable], logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The loss of the whole global batch from its log-probs, and its metrics."""
+    @property
+    def response_tokens(self) -> int:
+        return sum(len(s.input_ids) - s.prompt_length for s in self.all)
+
+    def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The four vectors of an objective: policy real, policy synthetic, opponent real, opponent synthetic."""
         G = len(self.prompts)
-        real = logps[:G]
-        if objective is None:  # SFT: mean negative log-likelihood per response token
-            tokens = sum(len(s.input_ids) - s.prompt_length for s in self.all)
-            loss = -real.sum() / tokens
-            return loss, {"loss": float(loss.detach()), "logps/real": float(real.detach().double().mean())}
-        synthetic = logps[G:]
-        opponent_real = self.data.opponent_real[torch.tensor(self.prompts)].to(real)
-        opponent_synthetic = self.data.opponent_synthetic[torch.tensor(self.synthetic_index)].to(synthetic)
-        out = objective(real, synthetic, opponent_real, opponent_synthetic)
-        return out.loss, objective_metrics(out, real.detach(), synthetic.detach())
+        real, synthetic = logps[:G], logps[G:]
+        return (real, synthetic, self.data.opponent_real[torch.tensor(self.prompts)].to(real),
+                self.data.opponent_synthetic[torch.tensor(self.synthetic_index)].to(synthetic))
 
     def token_counts(self, micro: list[list[int]]) -> dict:
         """Non-padding tokens of this step's training forwards (all ranks) and the padding share."""

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from iris_ref import metrics  # noqa: E402
-from iris_ref.cli import main  # noqa: E402
+from run_iris import main  # noqa: E402
 
 ITERATION, STEP = map(int, os.environ["CRASH_AT"].split(":"))
 _log = metrics.MetricsLog.__call__
