@@ -666,8 +666,9 @@ def spread_ratios(policy_class: LinearPolicyClass, theta: Optional[Tensor] = Non
 
 
 def _effective_metric(objective: Objective, constants: dict):
-    """(a, b) with M = a·F + b·S the Hessian of the quadratic model of L per unit β², and the
-    gradient scale c of F3: δ = c·(1/β)·M⁻¹·(−∇KL). None for an unknown objective."""
+    """(a, b) of M = a·F + b·S: near θ* the quadratic model of L(θt + δ; θt) is
+    c·(β·∇KL·δ + (β²/2)·δᵀMδ) + const (c the F3 scale), so its minimiser is
+    δ = −(1/β)·M⁻¹·∇KL. ValueError for objectives without a closed form here."""
     if objective in ("iris",):
         alpha = float(constants["alpha"])
         return alpha, 1.0 - alpha
