@@ -117,6 +117,16 @@ def weights_sha256(policy) -> str:
     return distributed.broadcast_object(digest)
 
 
+def free_memory() -> None:
+    """Return what dead models held (reference cycles included) to the system and to CUDA, so that
+    a vLLM engine started next finds the GPU empty."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def check_finite(policy, what: str) -> None:
     """`ValueError` if any weight is NaN or infinite (checked before a save, so that a bad last
     step never overwrites a good checkpoint)."""

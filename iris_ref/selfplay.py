@@ -199,6 +199,7 @@ def generate_synthetic(run: Run, opponent, *, seed: int) -> list[dict]:
     from iris_ref import generation
 
     config = run.config
+    models.free_memory()  # no model is alive here: the previous policy went with its iteration
     outputs = generation.generate(
         str(opponent), run.tokenizer, [ex.prompt_messages for ex in run.examples], num_responses=config.num_synthetic,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=seed,

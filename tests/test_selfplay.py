@@ -158,3 +158,30 @@ def test_existing_run_needs_resume_or_overwrite(iris_run):
     run_dir, _ = iris_run
     with pytest.raises(selfplay.InputError, match="already holds a run"):
         selfplay.run(small_config(run_dir))
+
+
+def test_generation_runs_with_no_model_in_memory(tmp_path, monkeypatch):
+    """A stand-in for the vLLM engine: when generation starts, no model (policy, opponent or the
+    previous iteration's) is alive in the process, so the engine can have the GPU to itself; the
+    opponent is read from its checkpoint path, with the run's max length as max_model_len."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    from iris_ref import generation
+
+    real_generate = generation.generate
+    seen = []
+
+    def stand_in_engine(model_or_path, tokenizer, prompts, **kwargs):
+        if isinstance(model_or_path, str):  # the opponent's synthetic responses (evaluation uses the live policy)
+            alive = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+            seen.append((model_or_path, len(alive), kwargs["max_model_len"], kwargs["gpu_memory_utilization"]))
+        return real_generate(model_or_path, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", stand_in_engine)
+    run_dir = tmp_path / "run"
+    selfplay.run(small_config(run_dir))
+    assert [s[0] for s in seen] == [str(run_dir / "iter_0" / "checkpoint"), str(run_dir / "iter_1" / "checkpoint")]
+    assert all(alive == 0 for _, alive, _, _ in seen), seen
+    assert all(max_len == 48 and share == 0.85 for _, _, max_len, share in seen)
