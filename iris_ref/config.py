@@ -255,6 +255,9 @@ RESUMABLE_CHANGES = frozenset({
     "iters", "resume", "overwrite", "dry_run", "device", "generator", "generation_batch_size",
     "gpu_memory_utilization", "threads", "report_to", "save_minutes", "save_steps", "output_dir",
 })
+# Options whose default depends on others (filled by `IrisConfig.resolve`).
+DERIVED = frozenset({"dataset", "split", "eval_dataset", "eval_split", "beta", "mu", "gradient_checkpointing", "bf16",
+                     "max_new_tokens", "sft_learning_rate", "output_dir"})
 # Options that hold a path: compared after resolving them against the current directory.
 PATH_OPTIONS = ("model", "dataset", "eval_dataset", "output_dir")
 _GENERIC_NAMES = re.compile(r"^(checkpoint(-\d+)?|iter_\d+|final|best|latest|model|hf|output)$")
@@ -376,6 +379,23 @@ def _default_note(f: dataclasses.Field, embedded: dict[str, Any]) -> str:
     if f.name in embedded and embedded[f.name] != f.default:
         note += f"; embedded: {'none' if embedded[f.name] is None else embedded[f.name]}"
     return f"[{note}]"
+
+
+def defaults_table() -> str:
+    """The README's table of options (markdown), from the same fields as --help: the README
+    embeds exactly this text (a test checks it), so the two cannot drift apart."""
+    embedded = _read_yaml(EMBEDDED_CONFIG)
+
+    def show(value):
+        return "none" if value is None else {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    rows = ["| option | default | where the default comes from | embedded default |", "|---|---|---|---|"]
+    for f in dataclasses.fields(IrisConfig):
+        source = f.metadata["source"].replace("|", "/")
+        default = "(derived)" if f.name in DERIVED else show(f.default)
+        other = show(embedded[f.name]) if f.name in embedded and embedded[f.name] != f.default else ""
+        rows.append(f"| `{_flag(f.name)}` | {default} | {source} | {other} |")
+    return "\n".join(rows)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

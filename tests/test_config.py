@@ -217,3 +217,15 @@ def test_help_is_dashed_and_shows_each_default_once():
         assert f"  {option}" in text, option
     assert len(set(line for line in text.splitlines() if len(line) > 30)) == \
         len([line for line in text.splitlines() if len(line) > 30])  # no repeated text
+
+
+def test_the_readme_table_is_the_config_itself():
+    """The README's option table is `config.defaults_table()` verbatim: defaults and sources come
+    from the dataclass, so the front door cannot drift from the code."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert config_module.defaults_table() in readme
+    derived = {f.name for f in dataclasses.fields(IrisConfig) if f.default is None and f.metadata["source"]}
+    assert derived - {"reward_bound"} <= config_module.DERIVED  # every derived default is marked as such
+    resolved = parse_config(["--model", "m"])
+    for name in config_module.DERIVED - {"model"}:
+        assert getattr(resolved, name) is not None or name in ("eval_dataset", "eval_split"), name
