@@ -6,14 +6,19 @@
 
 What is measured, side by side in one process, on the same model and the same sequences:
 
-* **IRIS step**: `iris_ref.trainer.train` itself (the run's defaults: global batch 64 prompts,
-  micro-batch 8, K = 1, RMSprop, clipping, bf16 autocast and gradient checkpointing on CUDA),
-  i.e. the scoring pass, the global IRIS weights, the length-sorted micro-batches and their
-  real padding. Its `padding_fraction` is padding tokens / all tokens computed in training.
+* **IRIS step**: the body of `iris_ref.trainer.train`'s loop (`accumulate_gradient`, clipping,
+  the optimizer step) with the run's defaults: global batch 64 prompts, micro-batch 8, K = 1,
+  RMSprop, bf16 autocast and gradient checkpointing on CUDA, i.e. the scoring pass, the global
+  IRIS weights, the least-padding micro-batches and their real padding. Its
+  `padding_fraction` is padding tokens / all tokens computed in training.
+* **Padded SFT step**: the same sequences as SFT targets through the same `accumulate_gradient`
+  (same micro-batches, same padding, no scoring pass): `ratio_to_padded_sft` isolates the
+  cost of the scoring pass.
 * **Packed SFT step** ("speed of light" for this hardware): the same sequences, every one
   trained on with plain NLL, packed without padding into rows of at most `max_length` tokens
   (first-fit decreasing; transformers isolates packed sequences from `position_ids`), in as
-  many micro-batches as the IRIS step has, same optimizer and precision.
+  many micro-batches as the IRIS step has, same optimizer and precision. The three steps run
+  interleaved on the same global batches, the order rotating every step.
 * `ratio` = response tokens per second of the IRIS step / the same for the packed SFT step.
   The scoring pass bounds it: one extra forward per step, about 1/3 of a forward+backward
   without gradient checkpointing (ratio <= 0.75) and 1/4 with it (<= 0.8).
@@ -156,38 +161,58 @@ def measure(args) -> dict:
     response_tokens = sum(len(s.input_ids) - s.prompt_length for s in all_sequences) / steps  # per step, on average
     all_tokens = sum(len(s.input_ids) for s in all_sequences) / steps
 
-    # --- the IRIS step as the trainer runs it ----------------------------------------------
-    records = []
+    # --- three steps on the same global batches, interleaved (the order rotates every step) -----
+    # iris:        the body of trainer.train's loop: accumulate_gradient (scoring pass, global
+    #              weights, least-padding micro-batches), clipping, the optimizer step;
+    # packed_sft:  the same sequences as SFT targets, packed without padding, as many micro-batches;
+    # padded_sft:  the same sequences as SFT targets through accumulate_gradient (the same
+    #              micro-batches and padding, no scoring pass): isolates the scoring pass.
     objective = functools.partial(iris_loss, alpha=2.0, beta=0.1)
+    optimizer = trainer.make_optimizer(policy, config.optimizer, 1e-7, 0.0)
+    G, accumulation = config.global_batch_size, config.global_batch_size // config.micro_batch_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    seconds = {"iris": 0.0, "packed_sft": 0.0, "padded_sft": 0.0}
+    padding = []
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def iris_step(prompts):
+        padding.append(trainer.accumulate_gradient(policy, data, prompts, objective, config.micro_batch_size, pad,
+                                                   cuda)["padding_fraction"])
+        optimizer_step()
+
+    def packed_sft_step(prompts):
+        sequences = [data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts]
+        rows = pack(sequences, config.max_length)
+        per = -(-len(rows) // accumulation)
+        tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)
+        for j in range(0, len(rows), per):
+            (-packed_logps(model, sequences, rows[j:j + per], device, cuda) / tokens).backward()
+        optimizer_step()
+
+    def padded_sft_step(prompts):
+        sft = trainer.TrainingData([data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts])
+        trainer.accumulate_gradient(policy, sft, list(range(2 * G)), None, 2 * config.micro_batch_size, pad, cuda)
+        optimizer_step()
+
+    variants = {"iris": iris_step, "packed_sft": packed_sft_step, "padded_sft": padded_sft_step}
+    names = list(variants)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.train(policy, data, objective, config, pad_token_id=pad, epochs=1, learning_rate=1e-7,
-                  log=records.append, desc="IRIS steps")
-    iris_time = sum(r["step_seconds"] for r in records[1:])
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()  # the trainer's epoch order
-    padding = sum(r["padding_fraction"] for r in records) / len(records)
-    peak_iris = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-
-    # --- the packed SFT step: same sequences, same micro-batch count, same optimizer ----------
-    accumulation = config.global_batch_size // config.micro_batch_size
-    optimizer = trainer.make_optimizer(policy, config.optimizer, 1e-7, 0.0)
-    sft_time = 0.0
     with trainer.training_mode(policy, config.gradient_checkpointing):
         for step in range(steps):
-            prompts = order[step * config.global_batch_size:(step + 1) * config.global_batch_size]  # the IRIS step's batch
-            sequences = [data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts]
-            rows = pack(sequences, config.max_length)
-            per = -(-len(rows) // accumulation)
-            synchronize(args.device)
-            t0 = time.perf_counter()
-            for j in range(0, len(rows), per):
-                (-packed_logps(model, sequences, rows[j:j + per], device, cuda) / response_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(args.device)
-            if step:
-                sft_time += time.perf_counter() - t0
+            prompts = order[step * G:(step + 1) * G]
+            for name in names[step % 3:] + names[:step % 3]:
+                synchronize(args.device)
+                t0 = time.perf_counter()
+                variants[name](prompts)
+                synchronize(args.device)
+                if step:  # the first step of each is a warm-up
+                    seconds[name] += time.perf_counter() - t0
+    peak_iris = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
 
     # --- the opponent pass against a packed no-grad forward --------------------------------
     batches = token_budget_batches([len(s.input_ids) for s in all_sequences], budget)
@@ -206,7 +231,7 @@ def measure(args) -> dict:
     synchronize(args.device)
     packed_time = time.perf_counter() - t0
 
-    iris_step, sft_step = iris_time / args.steps, sft_time / args.steps
+    iris_step, sft_step, padded_step = (seconds[k] / args.steps for k in ("iris", "packed_sft", "padded_sft"))
     result = {
         "settings": {"device": args.device, "model": args.model_config or "tiny", "steps_timed": args.steps,
                      "global_batch_size": config.global_batch_size, "micro_batch_size": config.micro_batch_size,
@@ -214,11 +239,13 @@ def measure(args) -> dict:
                      "bf16": cuda, "gradient_checkpointing": cuda, "optimizer": config.optimizer,
                      "length_medians": MEDIANS, "length_sigmas": SIGMAS},
         "tokens_per_step": all_tokens, "response_tokens_per_step": response_tokens,
-        "training": {"padding_fraction": padding, "ratio": sft_step / iris_step,
-                     "iris_step_s": iris_step, "packed_sft_step_s": sft_step},
+        "training": {"padding_fraction": sum(padding) / len(padding), "ratio": sft_step / iris_step,
+                     "ratio_to_padded_sft": padded_step / iris_step, "iris_step_s": iris_step,
+                     "packed_sft_step_s": sft_step, "padded_sft_step_s": padded_step},
         "opponent_pass": {"padding_fraction": 1 - sum(len(s.input_ids) for s in all_sequences) / computed,
                           "ratio": packed_time / opponent_time, "seconds": opponent_time, "packed_seconds": packed_time},
-        "limits": "the scoring pass: one extra forward per optimizer step (THEORY.md I3), then padding",
+        "limits": "the scoring pass (ratio_to_padded_sft: same padding, no scoring pass), then padding; on CPU the "
+                  "packed reference also pays full-row attention under its block mask",
     }
     if cuda:
         params = sum(p.numel() for p in model.parameters())

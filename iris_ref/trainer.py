@@ -15,7 +15,8 @@ Choices, and why:
   *scoring pass*: one extra forward per step, about a third of a forward+backward; with a
   single micro-batch per rank the graph of that one forward is kept and no scoring pass
   runs. Data-parallel engines average gradients over ranks, so each rank's sum is scaled by
-  the world size. The same path trains SFT (`objective=None`: the mean NLL per response token).
+  the world size. The same path trains SFT (`objective=None`: the mean NLL per response
+  token), whose coefficients are known before any forward (−1/tokens), so it has no scoring pass.
 - **Little padding.** Because any partition of the global batch into micro-batches is
   exact, the sequences of a global batch (annotated and synthetic alike) are sorted by length
   and cut into micro-batches of equal count (`micro_batch_size` prompts' worth of sequences:
@@ -185,24 +186,28 @@ def accumulate_gradient(policy, data: TrainingData, prompts: list[int], objectiv
     batch = GlobalBatch(data, prompts, micro_batch_size)
     micro = batch.micro_batches
     single = len(micro) == 1
-    # 1. every sequence's log-prob; without gradient unless one forward is the whole share
-    with torch.set_grad_enabled(single):
-        local = [forward_logps(policy, batch.sequences(mb), pad_token_id, bf16=bf16) for mb in micro]
-    logps = batch.gather(local).requires_grad_()
-    # 2. the objective over the whole global batch, and c_i = dL/dlog p(y_i) for every sequence
-    if objective is None:  # SFT: the mean negative log-likelihood per response token
-        loss = -logps.sum() / batch.response_tokens
-        metrics = {"loss": float(loss.detach()), "logps/real": float(logps.detach().double().mean())}
+    if objective is None:  # SFT, the mean NLL per response token: dL/dlog p(y_i) = -1/tokens, known up front
+        coefficients = torch.full((len(batch.all),), -1.0 / batch.response_tokens, dtype=torch.float64)
     else:
+        # 1. every sequence's log-prob; without gradient unless one forward is the whole share
+        with torch.set_grad_enabled(single):
+            local = [forward_logps(policy, batch.sequences(mb), pad_token_id, bf16=bf16) for mb in micro]
+        logps = batch.gather(local).requires_grad_()
+        # 2. the objective over the whole global batch, and c_i = dL/dlog p(y_i) for every sequence
         out = objective(*batch.split(logps))
-        loss, metrics = out.loss, objective_metrics(out, *batch.split(logps.detach())[:2])
-    (coefficients,) = torch.autograd.grad(loss, logps)
+        (coefficients,) = torch.autograd.grad(out.loss, logps)
+        metrics = objective_metrics(out, *batch.split(logps.detach())[:2])
     # 3. back-propagate Σ c_i log p(y_i), micro-batch by micro-batch, with the c_i fixed
-    world = distributed.get_world_size()
+    world, trained = distributed.get_world_size(), []
     for j, mb in enumerate(micro):
         with distributed.gradient_sync(policy, enabled=j == len(micro) - 1):
-            mb_logps = local[j] if single else forward_logps(policy, batch.sequences(mb), pad_token_id, bf16=bf16)
+            mb_logps = local[j] if single and objective is not None else \
+                forward_logps(policy, batch.sequences(mb), pad_token_id, bf16=bf16)
             (coefficients[mb].to(mb_logps) * mb_logps).sum().mul(world).backward()
+        trained.append(mb_logps.detach())
+    if objective is None:
+        logps = batch.gather(trained).double()
+        metrics = {"loss": float(-logps.sum() / batch.response_tokens), "logps/real": float(logps.mean())}
     return {**metrics, **batch.token_counts(micro)}
 
 
