@@ -26,8 +26,8 @@ step() {  # step NAME SECONDS COMMAND...
     fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
-step training 210 python bench/throughput.py --device cuda --model-config bench/configs/qwen2.5-3b-shaped.json --steps 2
-step generation 180 python bench/gpu_generation.py --prompts 256 --max-new-tokens 128
+step training 180 python bench/throughput.py --device cuda --model-config bench/configs/qwen2.5-3b-shaped.json --steps 2
+step generation 150 python bench/gpu_generation.py --prompts 256 --max-new-tokens 128
 
 # 3. one end-to-end iteration per generator: a tiny checkpoint, the toy data, the real CLI.
 tiny=$(mktemp -d)
@@ -35,7 +35,8 @@ python -c "from iris_ref.tiny import save_tiny_checkpoint; save_tiny_checkpoint(
 for generator in hf vllm; do
     out="$tiny/run-$generator"
     start=$(date +%s)
-    if timeout 150 python run_iris.py --model "$tiny/model" --dataset iris_ref/toy_data/train.jsonl \
+    limit=$([ "$generator" = vllm ] && echo 90 || echo 45)  # step limits add up to 7.75 minutes
+    if timeout "$limit" python run_iris.py --model "$tiny/model" --dataset iris_ref/toy_data/train.jsonl \
         --eval-dataset iris_ref/toy_data/heldout.jsonl --config tiny --iters 1 --num-samples 256 \
         --eval-num-samples 64 --generator "$generator" --output-dir "$out" > "bench/results/gpu_e2e_$generator.log" 2>&1; then
         echo "end to end ($generator): one iteration in $(( $(date +%s) - start )) s, $(python -c "import json; s=json.load(open('$out/summary.json')); e=s['iterations'][-1]; print(f\"held-out NLL {e.get('heldout_nll', float('nan')):.4f}, peak memory {e.get('peak_memory_mb', 0):.0f} MB\")")"

@@ -230,7 +230,7 @@ class IrisConfig:
                 f"--micro-batch-size {self.micro_batch_size} does not divide --global-batch-size {self.global_batch_size}")
         if self.sft_patience is not None and self.sft_epochs < 1:
             raise ConfigError("--sft-patience needs --sft-epochs >= 1 (the most epochs of the warm-up)")
-        if self.sft_patience is not None and self.eval_dataset is None and not self.embedded:
+        if self.sft_patience is not None and self.eval_dataset is None and self.dataset is not None:
             raise ConfigError("--sft-patience stops on held-out NLL: give --eval-dataset")
         on_cuda = str(self.device).startswith("cuda")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", str(self.device)):
@@ -268,8 +268,10 @@ def _flag(name: str) -> str:
 
 
 def is_local(source: str) -> bool:
+    """A path rather than a hub id (`org/name`): it exists, has a data-file suffix, starts like a
+    path, or has more than one `/`."""
     return os.path.exists(os.path.expanduser(source)) or source.endswith((".json", ".jsonl", ".parquet")) \
-        or source.startswith((".", "/", "~"))
+        or source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
 def absolute_if_local(source: str) -> str:
@@ -279,7 +281,7 @@ def absolute_if_local(source: str) -> str:
 
 def default_run_name(model: Optional[str]) -> str:
     """`tiny`, a hub id's name, or a local folder's name with its parents until one is not generic
-    (`runs/x/iter_3/checkpoint` gives `x-iter_3`, so checkpoints of one run do not collide)."""
+    (`runs/x/iter_3/checkpoint` gives `x-iter_3-checkpoint`, so checkpoints of one run do not collide)."""
     if model is None:
         return "tiny"
     parts = [p for p in Path(str(model).rstrip("/")).parts if p not in ("/", ".", "..")]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from iris_ref import distributed
+
 GB = 1e9
 
 
@@ -84,7 +86,8 @@ def print_plan(run, verdict: str) -> None:
         f"{disk['trainer_state'] / GB:.1f} (two copies at most), synthetic data {disk['synthetic'] / GB:.2f}; "
         f"{free / GB:.0f} GB free there",
     ]
-    print("\n".join(lines), flush=True)
+    if distributed.is_main_process():
+        print("\n".join(lines), flush=True)
 
 
 def _existing_parent(path: Path) -> Path:

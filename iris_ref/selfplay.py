@@ -187,7 +187,8 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
             save_policy(run, policy, data, it.checkpoint, phase=f"SFT warm-up, epoch {epoch}")
         files.write_json(it.path / "sft_epochs.json", history)
         log(f"SFT warm-up epoch {epoch}: held-out NLL {nll:.4f} (best {best['heldout_nll']:.4f} at epoch {best['epoch']})")
-    files.write_json(it.path / "train_summary.json", {"sft_epochs": history, "best_epoch": best["epoch"]})
+    files.write_json(it.path / "train_summary.json", {"sft_epochs": history, "best_epoch": best["epoch"],
+                                                      "total_steps": len(history) * steps_per_epoch})
     return load_policy(run, it.checkpoint)
 
 

@@ -3,7 +3,9 @@
 A state is a folder `step_XXXXXXXX/` under the iteration's `trainer_state/` holding the
 full model, the optimizer (full, the rank-0 view under FSDP), the scheduler, the data order,
 the step, the metric history, each rank's RNG state and a *fingerprint* of what was being
-trained (loss, α, β, data size, batch sizes, world size, seed, optimizer, learning rate). It
+trained (loss, α, β, data size, batch sizes, seed, optimizer, learning rate). The number of
+processes is not part of it: the data order and the micro-batches do not depend on it, so a
+state saved by 8 ranks resumes on 4 (or on one) with the same gradients. It
 is written as one atomic folder, then the `LATEST` pointer is replaced, then older states
 are removed: disk holds at most one complete state plus the one being written (about 25 GB
 each at 3B with RMSprop, 37 GB with AdamW).
@@ -97,16 +99,18 @@ def save(state_dir: Path, policy, optimizer, scheduler, *, step: int, order, his
 
 def resume(state_dir: Optional[Path], policy, optimizer, scheduler, fingerprint: dict) -> Optional[dict]:
     """Load the latest state into `policy`, `optimizer` and `scheduler`; return its step, order
-    and history, or None when there is none. A state of something else is a ValueError."""
+    and history, or None when there is none. A state of something else is a TrainingFailure."""
     path = latest(state_dir)
     if path is None:
         return None
     trainer_state = files.load_tensors(path / "trainer.pt")
     saved = trainer_state["fingerprint"]
     if saved != fingerprint:
+        from iris_ref.trainer import TrainingFailure
+
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        raise ValueError(f"cannot resume from {path}: it was saved with different {', '.join(changed)} "
-                         "(delete that folder to start this iteration afresh)")
+        raise TrainingFailure(f"cannot resume from {path}: it was saved with different {', '.join(changed)} "
+                              "(delete that folder to start this iteration afresh)")
     distributed.load_full_model_state_dict(policy, files.load_tensors(path / "model.pt"))
     distributed.load_optimizer_state_dict(policy, optimizer, files.load_tensors(path / "optimizer.pt"))
     scheduler.load_state_dict(trainer_state["scheduler"])

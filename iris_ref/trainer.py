@@ -136,7 +136,7 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
     generator = torch.Generator().manual_seed(config.seed)
     order = [torch.randperm(len(data.real), generator=generator) for _ in range(epochs)]
     fingerprint = train_state.fingerprint(**(fingerprint or {}), prompts=len(data.real), num_synthetic=data.num_synthetic,
-                                          global_batch_size=G, micro_batch_size=config.micro_batch_size, world_size=world,
+                                          global_batch_size=G, micro_batch_size=config.micro_batch_size,
                                           epochs=epochs, seed=config.seed, optimizer=config.optimizer,
                                           learning_rate=learning_rate)
     resumed = train_state.resume(state_dir, policy, optimizer, scheduler, fingerprint)

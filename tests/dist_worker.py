@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["none", "ddp", "fsdp"], required=True)
     parser.add_argument("--micro", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--part", choices=["both", "first", "second"], default="both",
+                        help="first: steps 1-2 and stop; second: resume the saved state and finish")
     opts = parser.parse_args()
     # One thread per process: identical kernels (and rounding) whatever the number of ranks.
     torch.set_num_threads(1)
@@ -79,7 +81,11 @@ def main() -> None:
     state_dir = opts.out / "state"
     common = dict(pad_token_id=tokenizer.pad_token_id, epochs=2, learning_rate=1e-3, state_dir=state_dir,
                   log=records.append, fingerprint={"loss": "iris"})
-    trainer.train(policy, data, objective, config, max_steps=2, **common)
+    if opts.part in ("both", "first"):
+        trainer.train(policy, data, objective, config, max_steps=2, **common)
+    if opts.part == "first":
+        dist_utils.teardown_distributed()
+        return
     summary = trainer.train(policy, data, objective, config, **common)
     models.save_checkpoint(policy, opts.out / "checkpoint", tokenizer)
     if dist_utils.is_main_process():

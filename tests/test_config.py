@@ -99,6 +99,7 @@ def test_shipped_configs_parse_by_name_and_by_path(tmp_path, monkeypatch):
     (["--no-such-option", "1"], "unrecognized arguments"),
     (["--config", "/definitely/missing.yaml"], "config file not found"),
     (["--model", "m", "--sft-patience", "2"], "--sft-patience needs --sft-epochs"),
+    (["--dataset", "mine.jsonl", "--sft-patience", "2"], "--sft-patience stops on held-out NLL"),
 ])
 def test_bad_options_give_one_line_errors(argv, fragment, tmp_path):
     if "--resume" in argv:
@@ -137,6 +138,7 @@ def test_default_output_folders_do_not_collide():
     names = {default_run_name(f"./runs/x/iter_{t}/checkpoint") for t in range(3)}
     assert names == {"x-iter_0-checkpoint", "x-iter_1-checkpoint", "x-iter_2-checkpoint"}
     assert default_run_name("./my_sft_model") == "my_sft_model"
+    assert default_run_name("runs/x/iter_3/checkpoint") == "x-iter_3-checkpoint"  # a path even if it does not exist
 
 
 def test_paths_are_made_absolute(tmp_path, monkeypatch):

@@ -31,9 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, strategy: str, micro: int, nproc: int) -> dict:
+def _run(out: Path, strategy: str, micro: int, nproc: int, part: str = "both") -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    worker_args = [str(WORKER), "--strategy", strategy, "--micro", str(micro), "--out", str(out)]
+    worker_args = [str(WORKER), "--strategy", strategy, "--micro", str(micro), "--out", str(out), "--part", part]
     if nproc == 1:
         cmd = [sys.executable, *worker_args]
     else:
@@ -41,6 +41,8 @@ def _run(out: Path, strategy: str, micro: int, nproc: int) -> dict:
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *worker_args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    if part == "first":
+        return {}
     result = json.loads((out / "result.json").read_text())
     result["weights"] = load_file(out / "checkpoint" / "model.safetensors")
     return result
@@ -96,3 +98,16 @@ def test_ddp_two_processes_match_one_process(tmp_path, single):
 def test_fsdp2_two_processes_match_one_process(tmp_path, single_micro4):
     # micro-batch 4 x accumulation 1 x 2 ranks = 8: the one-pass path, sharded parameters
     _compare(_run(tmp_path, "fsdp", micro=4, nproc=2), single_micro4)
+
+
+def test_a_state_saved_by_two_ranks_resumes_in_one_process(tmp_path, single):
+    """The number of processes is not part of the trainer state: the data order and the
+    micro-batches do not depend on it, so two DDP ranks stop after step 2 and one process
+    finishes the iteration on the same trajectory."""
+    _run(tmp_path, "ddp", micro=2, nproc=2, part="first")
+    resumed = _run(tmp_path, "none", micro=2, nproc=1, part="second")
+    assert resumed["resumed_from_step"] == 2
+    for got, want in zip(resumed["records"], single["records"][2:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
+    for name, want in single["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], want, rtol=1e-9, atol=1e-9, msg=name)

@@ -288,7 +288,7 @@ def test_time_based_saving(tokenizer, tmp_path, monkeypatch):
 
 def test_resume_refuses_a_state_of_another_configuration(tokenizer, tmp_path):
     run_training(tokenizer, state_dir=tmp_path, max_steps=1)
-    with pytest.raises(ValueError, match="learning_rate"):
+    with pytest.raises(trainer.TrainingFailure, match="learning_rate"):
         run_training(tokenizer, state_dir=tmp_path, learning_rate=5e-4)
 
 
