@@ -123,7 +123,10 @@ class IrisConfig:
                            "the first opponent.", "sft", "the given model is already the SFT model")
     sft_learning_rate: Optional[float] = _opt(None, "Learning rate of the SFT warm-up.", "sft", "--learning-rate")
     sft_patience: Optional[int] = _opt(None, "Early stopping of the warm-up: stop after N epochs without a better "
-                                       "held-out NLL and keep the best epoch (none: keep the last).", "sft")
+                                       "held-out NLL and keep the best epoch (0 or none: keep the last).", "sft")
+    sft_validation_size: Optional[int] = _opt(None, "Rows of the training data held out (from the warm-up and from "
+                                              "self-play) for --sft-patience to stop on; none: it stops on "
+                                              "--eval-dataset, which then also scores the result (0: none).", "sft")
     # --- run ---------------------------------------------------------------------------
     output_dir: Optional[str] = _opt(None, "Run folder.", "run", "runs/<model name>-<loss>")
     resume: bool = _opt(False, "Continue the run in --output-dir with its saved options.", "run")
@@ -155,6 +158,9 @@ class IrisConfig:
             v["beta"] = 1.0 if v["loss"] == "space" else 0.1
         if v["mu"] is None:
             v["mu"] = float(v["num_synthetic"])
+        for name in ("sft_patience", "sft_validation_size"):  # 0 switches them off from the command line
+            if v[name] == 0:
+                v[name] = None
         if v["sft_learning_rate"] is None:
             v["sft_learning_rate"] = v["learning_rate"]
         if v["max_new_tokens"] is None:
@@ -202,7 +208,7 @@ class IrisConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience"):
+        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience", "sft_validation_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.sft_epochs < 0:
@@ -230,8 +236,11 @@ class IrisConfig:
                 f"--micro-batch-size {self.micro_batch_size} does not divide --global-batch-size {self.global_batch_size}")
         if self.sft_patience is not None and self.sft_epochs < 1:
             raise ConfigError("--sft-patience needs --sft-epochs >= 1 (the most epochs of the warm-up)")
-        if self.sft_patience is not None and self.eval_dataset is None and self.dataset is not None:
-            raise ConfigError("--sft-patience stops on held-out NLL: give --eval-dataset")
+        if self.sft_validation_size is not None and self.sft_patience is None:
+            raise ConfigError("--sft-validation-size is the data --sft-patience stops on: give --sft-patience too")
+        if self.sft_patience is not None and self.eval_dataset is None and self.dataset is not None \
+                and self.sft_validation_size is None:
+            raise ConfigError("--sft-patience stops on held-out NLL: give --sft-validation-size or --eval-dataset")
         on_cuda = str(self.device).startswith("cuda")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

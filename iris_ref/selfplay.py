@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from iris_ref import data as data_lib
@@ -65,6 +66,7 @@ class Run:
     encoded: list           # data.EncodedSequence of each annotated response
     heldout: list           # data.Example of the held-out data (may be empty)
     schedule: AlphaSchedule
+    validation: list        # data.Example held out of training for the warm-up's early stopping (may be empty)
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,9 +155,11 @@ def start_model(run: Run) -> None:
 def sft_warmup(run: Run, it: rundir.IterationDir):
     """Supervised fine-tuning on the annotated responses, saved as iter_0/checkpoint.
 
-    With `--sft-patience` it stops when the held-out NLL has not improved for that many
-    epochs and keeps the best epoch's model (the converged SFT start that self-play claims
-    its gains from); otherwise it trains `--sft-epochs` and keeps the last.
+    With `--sft-patience` it stops when the NLL of the validation rows (`--sft-validation-size`,
+    held out of training; else the held-out data) has not improved for that many epochs and
+    keeps the best epoch's model: the converged SFT start that self-play claims its gains from.
+    Otherwise it trains `--sft-epochs` and keeps the last. The learning-rate schedule spans
+    `--sft-epochs` either way.
     """
     config = run.config
     policy = models.new_tiny_policy(run.tokenizer, seed=config.seed, device=run.device, parallel=config.parallel) \
@@ -180,14 +184,17 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
                                epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
                                state_dir=it.trainer_state, log=metrics_log(run, it), max_steps=epoch * steps_per_epoch,
                                desc=f"SFT warm-up, epoch {epoch}", fingerprint={"loss": "sft"})
-        nll = heldout_nll(run, policy)
+        nll = heldout_nll(run, policy, run.validation or run.heldout)
         history.append({"epoch": epoch, "heldout_nll": nll, "train_loss": result.get("loss")})
         if best is None or nll < best["heldout_nll"]:
             best = history[-1]
             save_policy(run, policy, data, it.checkpoint, phase=f"SFT warm-up, epoch {epoch}")
         files.write_json(it.path / "sft_epochs.json", history)
         log(f"SFT warm-up epoch {epoch}: held-out NLL {nll:.4f} (best {best['heldout_nll']:.4f} at epoch {best['epoch']})")
+    stopped_by = "patience" if len(history) < config.sft_epochs else "epoch limit"
     files.write_json(it.path / "train_summary.json", {"sft_epochs": history, "best_epoch": best["epoch"],
+                                                      "stopped_by": stopped_by, "stopped_on": "validation rows"
+                                                      if run.validation else "held-out data",
                                                       "total_steps": len(history) * steps_per_epoch})
     return load_policy(run, it.checkpoint)
 
@@ -290,10 +297,10 @@ def evaluate(run: Run, policy) -> dict:
     return evaluation.evaluate(policy, run.tokenizer, run.heldout, run.config) if run.heldout else {}
 
 
-def heldout_nll(run: Run, policy) -> float:
+def heldout_nll(run: Run, policy, examples) -> float:
     from iris_ref import evaluation
 
-    return evaluation.heldout_nll(policy, run.tokenizer, run.heldout, run.config)
+    return evaluation.heldout_nll(policy, run.tokenizer, examples, run.config)
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,7 +320,7 @@ def setup(config: IrisConfig) -> Optional[Run]:
         if not config.embedded:
             models.check_model_source(config.model, config.trust_remote_code)
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
-        examples, encoded, heldout = load_data(config, tokenizer)
+        examples, encoded, heldout, validation = load_data(config, tokenizer)
     except (rundir.RunDirError, models.ModelError, ValueError, OSError) as exc:
         raise InputError(_one_line(exc)) from None
     if not config.embedded and config.sft_epochs == 0 and models.looks_like_base_model(config.model):
@@ -321,7 +328,7 @@ def setup(config: IrisConfig) -> Optional[Run]:
             "(SPIN: zephyr-7b-sft-full). Add --sft-epochs 1 (or --config qwen2.5-3b) for an SFT warm-up first")
     schedule = AlphaSchedule(kind=config.alpha_schedule, alpha=config.alpha, alpha_min=config.alpha_min,
                              alpha_max=config.alpha_max, num_iterations=config.iters, gap=config.gap)
-    session = Run(config, Path(config.output_dir), device, tokenizer, examples, encoded, heldout, schedule)
+    session = Run(config, Path(config.output_dir), device, tokenizer, examples, encoded, heldout, schedule, validation)
     if config.dry_run:
         from iris_ref import plan
 
@@ -335,7 +342,8 @@ def setup(config: IrisConfig) -> Optional[Run]:
 
 
 def load_data(config: IrisConfig, tokenizer):
-    """Training examples (a fixed seeded subset) with their encodings, and the held-out examples.
+    """Training examples (a fixed seeded subset) with their encodings, the held-out examples, and
+    the rows held out of training for the warm-up's early stopping (`--sft-validation-size`).
     `ValueError` (one line) when too little is left for one optimizer step."""
     from iris_ref import tiny
 
@@ -351,10 +359,21 @@ def load_data(config: IrisConfig, tokenizer):
         else:
             kept.append(example)
             encoded.append(seq)
-    log(f"data: {len(kept)} prompts from {source} (skipped: {skips.describe()})")
+    validation = []
+    if config.sft_validation_size and len(kept) >= config.global_batch_size:
+        if config.sft_validation_size >= len(kept):
+            raise ValueError(f"dataset {source}: --sft-validation-size {config.sft_validation_size} (the rows held out "
+                             f"for the warm-up's early stopping) leaves none of the {len(kept)} usable prompts for "
+                             "training; lower it, or 0 to stop on the held-out data")
+        held = set(np.random.default_rng(config.seed + 1).permutation(len(kept))[:config.sft_validation_size].tolist())
+        validation = [ex for i, ex in enumerate(kept) if i in held]
+        kept, encoded = [ex for i, ex in enumerate(kept) if i not in held], [s for i, s in enumerate(encoded) if i not in held]
+    log(f"data: {len(kept)} prompts from {source} (skipped: {skips.describe()}"
+        + (f"; {len(validation)} more held out for the warm-up's early stopping)" if validation else ")"))
     if len(kept) < config.global_batch_size:
+        held_out = f", {len(validation)} held out by --sft-validation-size" if validation else ""
         raise ValueError(
-            f"dataset {source}: {len(kept)} usable prompts (skipped: {skips.describe()}) are fewer than "
+            f"dataset {source}: {len(kept)} usable prompts (skipped: {skips.describe()}{held_out}) are fewer than "
             f"--global-batch-size {config.global_batch_size}, so not one optimizer step fits; lower "
             f"--global-batch-size (and --micro-batch-size) or give more data")
     eval_source = config.eval_dataset or (str(tiny.TOY_HELDOUT_PATH) if config.dataset is None else None)
@@ -366,7 +385,7 @@ def load_data(config: IrisConfig, tokenizer):
         log(f"held-out: {len(heldout)} rows from {eval_source} (skipped: {eval_skips.describe()})")
     else:
         log("held-out: none (no --eval-dataset): iterations are not evaluated")
-    return kept, encoded, heldout
+    return kept, encoded, heldout, validation
 
 
 def model_path(run: Run, t: int):
@@ -449,8 +468,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _set_seed(seed: int) -> None:
     import random
-
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % 2**32)

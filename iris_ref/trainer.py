@@ -169,7 +169,7 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
             history.append(out)
             log(dict(out))
             bar.update(1)
-            if saver.due(step) or (step == stop < total):
+            if state_dir is not None and (saver.due(step) or step == stop < total):
                 train_state.save(state_dir, policy, optimizer, scheduler, step=step, order=order, history=history,
                                  fingerprint=fingerprint)
                 saver.saved()

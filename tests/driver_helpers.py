@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = [
     "--iters", "2", "--num-samples", "16", "--eval-num-samples", "8", "--epochs", "1",
     "--global-batch-size", "8", "--micro-batch-size", "4", "--max-length", "48",
-    "--max-prompt-length", "32", "--sft-epochs", "1", "--save-steps", "1", "--seed", "3",
+    "--max-prompt-length", "32", "--sft-epochs", "1", "--sft-patience", "0", "--sft-validation-size", "0",
+    "--save-steps", "1", "--seed", "3",
 ]
 
 # Numbers that must agree between two runs with the same seed (timings and memory excluded).

@@ -99,6 +99,8 @@ def _bad_inputs(tmp_path):
         (["--dataset", str(garbage)], "cannot read"),
         (["--dataset", str(no_assistant)], "no valid rows"),
         (["--dataset", str(few)], "28 usable prompts"),
+        (["--num-samples", "230"], "30 usable prompts (skipped: none, 200 held out by --sft-validation-size)"),
+        (["--num-samples", "150"], "leaves none of the 150 usable prompts"),
         (["--num-samples", "10"], "fewer than --global-batch-size 32"),
         (["--max-prompt-length", "4", "--max-length", "48"], "0 usable prompts (skipped: too_long=2000)"),
         (["--alpha-schedule", "constant", "--alpha", "-0.5"], "--alpha must be > 0"),
@@ -174,9 +176,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "planned"
     assert run_iris.main(["--dry-run", "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
-    for fragment in ("dry run", "2000 prompts", "optimizer steps", "generator", "disk at peak", "parameters"):
+    for fragment in ("dry run", "1800 prompts", "optimizer steps", "generator", "disk at peak", "parameters"):
         assert fragment in text, fragment
-    assert "3 iterations x 1 epochs x 62 steps = 186 optimizer steps" in text
+    assert "3 iterations x 1 epochs x 56 steps = 168 optimizer steps" in text  # 200 rows held out for early stopping
     assert not out.exists()
 
 

@@ -35,7 +35,7 @@ def test_the_wheel_runs_from_another_folder(tmp_path):
                      "'--model', '" + str(REPO / "no-such-model") + "']))")
     assert plan.returncode == 2 and "unknown model" in plan.stderr  # the shipped config by name was found
     plan = run("-c", "import sys, run_iris; sys.exit(run_iris.main(['--dry-run']))")
-    assert plan.returncode == 0 and "2000 prompts" in plan.stdout, plan.stderr[-2000:]  # the toy data shipped
+    assert plan.returncode == 0 and "1800 prompts" in plan.stdout, plan.stderr[-2000:]  # the toy data shipped
     assert str(target) in run("-c", "import iris_ref; print(iris_ref.__file__)").stdout  # not the checkout
     audit = run("-m", "iris_ref.audit", "--impl", "iris_ref.objectives:iris_loss", "--objective", "iris")
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]

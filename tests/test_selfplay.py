@@ -185,3 +185,23 @@ def test_generation_runs_with_no_model_in_memory(tmp_path, monkeypatch):
     assert [s[0] for s in seen] == [str(run_dir / "iter_0" / "checkpoint"), str(run_dir / "iter_1" / "checkpoint")]
     assert all(alive == 0 for _, alive, _, _ in seen), seen
     assert all(max_len == 48 and share == 0.85 for _, _, max_len, share in seen)
+
+
+def test_sft_warmup_early_stopping_on_held_out_training_rows(tmp_path):
+    """--sft-patience with --sft-validation-size: rows held out of training (and of self-play) decide
+    when the warm-up stops; the best epoch's model is θ_0 and the summary says why it stopped."""
+    run_dir = tmp_path / "es"
+    config = small_config(run_dir, "--iters", "1", "--num-samples", "40", "--sft-epochs", "4", "--sft-patience", "1",
+                          "--sft-validation-size", "8", "--sft-learning-rate", "3e-3")
+    summary = selfplay.run(config)
+    warmup = json.loads((run_dir / "iter_0" / "train_summary.json").read_text())
+    epochs = warmup["sft_epochs"]
+    assert warmup["stopped_on"] == "validation rows" and warmup["stopped_by"] in ("patience", "epoch limit")
+    assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1))
+    best = min(epochs, key=lambda e: e["heldout_nll"])
+    assert warmup["best_epoch"] == best["epoch"]
+    if warmup["stopped_by"] == "patience":
+        assert len(epochs) - best["epoch"] == 1
+    rows = [json.loads(line) for line in (run_dir / "iter_1" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 32  # 40 rows less the 8 held out
+    assert summary["iterations"][0]["heldout_nll"] > 0
