@@ -487,6 +487,8 @@ def resume_config(options: dict[str, Any]) -> IrisConfig:
         if name in RESUMABLE_CHANGES:
             continue
         given = absolute_if_local(value) if name in PATH_OPTIONS and isinstance(value, str) else value
+        if name in ("sft_patience", "sft_validation_size") and given == 0:
+            given = None  # as resolve() stores it
         if saved.get(name) != given:
             disagreements.append(f"{_flag(name)} {value!r} (the run has {saved.get(name)!r})")
     if disagreements:

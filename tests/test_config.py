@@ -99,7 +99,7 @@ def test_shipped_configs_parse_by_name_and_by_path(tmp_path, monkeypatch):
     (["--no-such-option", "1"], "unrecognized arguments"),
     (["--config", "/definitely/missing.yaml"], "config file not found"),
     (["--model", "m", "--sft-patience", "2"], "--sft-patience needs --sft-epochs"),
-    (["--dataset", "mine.jsonl", "--sft-patience", "2"], "--sft-patience stops on held-out NLL"),
+    (["--dataset", "mine.jsonl", "--sft-patience", "2", "--sft-validation-size", "0"], "--sft-patience stops on held-out NLL"),
 ])
 def test_bad_options_give_one_line_errors(argv, fragment, tmp_path):
     if "--resume" in argv:
