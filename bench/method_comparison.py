@@ -995,9 +995,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work = Path(args.work_dir)
+    marker = work / ".iris-bench-work"  # written first: only a folder this bench made is ever deleted
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        print(f"method_comparison: error: --work-dir {work} is not empty and was not made by this bench; "
+              "nothing was touched: choose another --work-dir", file=sys.stderr)
+        return 2
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by bench/method_comparison.py\n")
     command = "python bench/method_comparison.py" + ("" if not argv else " " + " ".join(argv))
     started, load_start = time.time(), os.getloadavg()[0]
     results = execute(plan(args), args)

@@ -342,3 +342,13 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_work_dir_it_did_not_make_is_never_deleted(tmp_path, capsys):
+    """--fresh deletes the work folder only when this bench made it (its marker is there)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    assert mc.main(["--work-dir", str(mine), "--fresh", "--results-dir", str(tmp_path / "r")]) == 2
+    assert "was not made by this bench" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "keep"
