@@ -1,9 +1,12 @@
-"""Chunked response log-probs equal the naive full-logits computation, values and gradients."""
+"""Chunked response log-probs equal the naive full-logits computation, values and gradients, on
+the fast path (hidden states + LM head) and on the fallback (the model's own logits).
+Per-architecture conformance: tests/test_logprob_architectures.py."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from iris_ref import logprobs
 from iris_ref.logprobs import sequence_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,16 +57,21 @@ def gradients(model, value):
 
 # 51 response positions: chunk sizes that divide nothing, a single chunk, one position a chunk.
 @pytest.mark.parametrize(
-    "dtype, tolerance, chunk_size",
+    "dtype, tolerance, chunk_size, path",
     [
-        (torch.float64, 1e-10, 1),
-        (torch.float64, 1e-10, 7),
-        (torch.float64, 1e-10, 4096),
-        (torch.float32, 1e-5, 3),
-        (torch.float32, 1e-5, 64),
+        (torch.float64, 1e-10, 1, "fast"),
+        (torch.float64, 1e-10, 7, "fast"),
+        (torch.float64, 1e-10, 4096, "fast"),
+        (torch.float32, 1e-5, 3, "fast"),
+        (torch.float32, 1e-5, 64, "fast"),
+        (torch.float64, 1e-10, 7, "fallback"),
+        (torch.float32, 1e-5, 4096, "fallback"),
     ],
 )
-def test_chunked_equals_naive_values_and_gradients(model, dtype, tolerance, chunk_size):
+def test_chunked_equals_naive_values_and_gradients(model, dtype, tolerance, chunk_size, path, monkeypatch):
+    assert logprobs.verified_postprocessing(model) is not None  # Qwen2: on the allow-list
+    if path == "fallback":
+        monkeypatch.setattr(logprobs, "verified_postprocessing", lambda model: None)
     model = model.to(dtype)
     try:
         input_ids, attention_mask, response_mask = padded_batch(model.config.vocab_size)
@@ -115,3 +123,24 @@ def test_bad_arguments(model):
         sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_size=0)
     with pytest.raises(ValueError, match="one shape"):
         sequence_logprobs(model, input_ids, attention_mask, response_mask[:, :-1])
+
+
+def test_fallback_keeps_no_full_logits_for_the_backward(model, monkeypatch):
+    """The fallback's own-forward logits (B x T x V) are not saved for the backward: only the
+    response rows are, and each chunk's fp32 log_softmax is recomputed."""
+    monkeypatch.setattr(logprobs, "verified_postprocessing", lambda model: None)
+    input_ids, attention_mask, response_mask = padded_batch(model.config.vocab_size)
+    vocab = model.config.vocab_size
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        value = sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_size=8)
+    assert (*input_ids.shape, vocab) not in saved and (input_ids.numel(), vocab) not in saved
+    chunk_rows = [shape[0] for shape in saved if len(shape) == 2 and shape[1] == vocab and shape[0] <= 8]
+    assert sum(chunk_rows) == int(response_mask[:, 1:].sum())  # one chunk of rows each, nothing larger
+    value.sum().backward()
+    model.zero_grad(set_to_none=True)
