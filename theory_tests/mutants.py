@@ -8,6 +8,7 @@ Every claim's negative control shows that its check rejects at least one of thes
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -195,8 +196,96 @@ SCHEDULE_MUTANTS = {
     "running_max_unclipped": schedule_running_max_unclipped,
 }
 
+# --------------------------------------------------------------------------------------
+# Foreign SPIN/SPACE code that is mathematically right but numerically short of float64 (the
+# audit's exit status 3), and float32 code with a real bug (still wrong mathematics, exit 1).
+# Foreign style: the audit's calling convention, a bare loss tensor returned.
+
+
+def spin_nemo_aligner_float32(pr, ps, orr, os_, *, beta=0.1):
+    """Right, computed in float32 as NeMo-Aligner's SPIN loss does: summed log-prob differences
+    times β, cast with .float() (its split_output_tensor), then -logsigmoid(margin).mean() in float32."""
+    rewards = torch.cat([pr - orr, ps - os_])
+    chosen, rejected = torch.split((beta * rewards).float(), len(rewards) // 2, dim=0)
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean(0)
+
+
+def spin_float32_constants(pr, ps, orr, os_, *, beta=0.1, pair_weights=None):
+    """Right, in float64 arithmetic, but β and the pair weights built as float32 tensors: the loss
+    comes back float64 yet carries float32 rounding."""
+    n = pr.numel()
+    weights = torch.full((n,), 1.0 / n, dtype=torch.float32) if pair_weights is None else (pair_weights / pair_weights.sum()).float()
+    margin = torch.tensor(beta, dtype=torch.float32) * ((pr - orr) - (ps - os_))
+    return (weights * -torch.nn.functional.logsigmoid(margin)).sum()
+
+
+def spin_nemo_aligner_float32_sign_error(pr, ps, orr, os_, *, beta=0.1):
+    """Bug in float32 code: the margin's sign flipped (rewards the synthetic responses)."""
+    return spin_nemo_aligner_float32(ps, pr, os_, orr, beta=beta)
+
+
+def spin_nemo_aligner_float32_sum(pr, ps, orr, os_, *, beta=0.1):
+    """Bug in float32 code: the per-pair terms summed, not averaged."""
+    return spin_nemo_aligner_float32(pr, ps, orr, os_, beta=beta) * pr.numel()
+
+
+def _weights(w, n, like):
+    return torch.full((n,), 1.0 / n, dtype=like.dtype) if w is None else w / w.sum()
+
+
+def spin_torch_softplus(pr, ps, orr, os_, *, beta=0.1, pair_weights=None, threshold=20.0):
+    """Right, except for torch.nn.functional.softplus, which returns x itself above its threshold (20)."""
+    r, rs = beta * (pr - orr), beta * (ps - os_)
+    return (_weights(pair_weights, r.numel(), r) * torch.nn.functional.softplus(rs - r, threshold=threshold)).sum()
+
+
+def space_torch_softplus(pr, ps, orr, os_, *, mu=1.0, beta=1.0, real_weights=None, synthetic_weights=None, threshold=20.0):
+    """Right, except for torch's softplus (the large-reward cases have arguments above 20 too)."""
+    r, rs = beta * (pr - orr), beta * (ps - os_)
+    pi, rho = _weights(real_weights, r.numel(), r), _weights(synthetic_weights, rs.numel(), rs)
+    log_mu, softplus = math.log(mu), torch.nn.functional.softplus
+    return (pi * softplus(log_mu - r, threshold=threshold)).sum() + mu * (rho * softplus(rs - log_mu, threshold=threshold)).sum()
+
+
+def space_softplus_threshold_15(pr, ps, orr, os_, **kwargs):
+    """Right, except for a softplus thresholded at 15 (x itself above 15), an error up to 3e-7."""
+    return space_torch_softplus(pr, ps, orr, os_, threshold=15.0, **kwargs)
+
+
+def in_float32(fn):
+    """``fn`` run on its inputs (and weight tensors) cast to float32: the reference objectives
+    wrapped so are correct float32 code; the IRIS mutants so are float32 code with a real bug."""
+
+    def cast(x):
+        return x.float() if isinstance(x, Tensor) else x
+
+    def wrapped(*args, **kwargs):
+        return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    wrapped.__name__ = wrapped.__qualname__ = f"{fn.__name__}_in_float32"
+    return wrapped
+
+
+NUMERICAL_ONLY = {  # (objective, function, weights selection, the audit's verdict)
+    "nemo_aligner_float32": ("spin", spin_nemo_aligner_float32, "uniform", "matches up to float32 rounding"),
+    "float32_constants": ("spin", spin_float32_constants, "all", "matches up to float32 rounding"),
+    "spin_torch_softplus": ("spin", spin_torch_softplus, "all", "matches up to the softplus threshold (20, torch's default)"),
+    "space_torch_softplus": ("space", space_torch_softplus, "all", "matches up to the softplus threshold (20, torch's default)"),
+}
+FLOAT32_MUTANTS = {  # float32 code with a real bug: (objective, function, weights selection)
+    "nemo_aligner_sign_error": ("spin", spin_nemo_aligner_float32_sign_error, "uniform"),
+    "nemo_aligner_sum": ("spin", spin_nemo_aligner_float32_sum, "uniform"),
+    **{f"{name}_in_float32": ("iris", in_float32(fn), "all") for name, fn in MUTANTS.items()},
+}
+
 __all__ = [
     "MUTANTS",
+    "NUMERICAL_ONLY",
+    "FLOAT32_MUTANTS",
+    "in_float32",
+    "space_softplus_threshold_15",
+    *[spec[1].__name__ for spec in NUMERICAL_ONLY.values()],
+    *[spec[1].__name__ for spec in FLOAT32_MUTANTS.values() if spec[0] == "spin"],
     "SCHEDULE_MUTANTS",
     "FIXED_POINT_MUTANTS",
     "COARSE_SERIES_THRESHOLD",

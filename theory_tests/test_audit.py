@@ -4,7 +4,9 @@ One test runs the command line in a subprocess (as a user would); the others use
 API `iris_ref.audit.audit` or `main([...])` in-process, which is the same code without the
 interpreter start-up. The wrong IRIS variants come from theory_tests/mutants.py; the wrong
 SPIN/SPACE/SPIF variants below are the usual slips: a sign error, β applied twice, a sum where
-the weighted mean belongs, μ forgotten, the reward bound ignored.
+the weighted mean belongs, μ forgotten, the reward bound ignored. Code that is right but short of
+float64 (float32 arithmetic, torch's softplus threshold) and float32 code with a real bug come
+from mutants.py too (NUMERICAL_ONLY, FLOAT32_MUTANTS).
 """
 
 from __future__ import annotations
@@ -23,9 +25,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iris_ref.audit import AuditUsageError, audit, load_golden, main
+from iris_ref.audit import LOGP_NAMES, AuditUsageError, audit, load_golden, main
 from iris_ref.objectives import OBJECTIVES, iris_loss
-from theory_tests.mutants import MUTANTS
+from theory_tests.mutants import (
+    FLOAT32_MUTANTS,
+    MUTANTS,
+    NUMERICAL_ONLY,
+    in_float32,
+    space_softplus_threshold_15,
+    space_torch_softplus,
+    spin_torch_softplus,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,20 +106,6 @@ def spin_sum_instead_of_mean(pr, ps, orr, os_, *, beta=0.1):
     """DPO-style pairwise code (no sample weights) that sums the per-pair terms instead of averaging."""
     r, rs = _rewards(pr, ps, orr, os_, beta)
     return _exact_softplus(-(r - rs)).sum()
-
-
-def spin_torch_softplus(pr, ps, orr, os_, *, beta=0.1, pair_weights=None):
-    """Right, except for torch.nn.functional.softplus, which returns x itself above its threshold 20."""
-    r, rs = _rewards(pr, ps, orr, os_, beta)
-    return (_weights(pair_weights, r.numel(), r) * F.softplus(-(r - rs))).sum()
-
-
-def space_torch_softplus(pr, ps, orr, os_, *, mu=1.0, beta=1.0, real_weights=None, synthetic_weights=None):
-    """Right, except for torch's softplus (the large-reward cases have arguments above 20 too)."""
-    r, rs = _rewards(pr, ps, orr, os_, beta)
-    pi, rho = _weights(real_weights, r.numel(), r), _weights(synthetic_weights, rs.numel(), rs)
-    log_mu = math.log(mu)
-    return (pi * F.softplus(log_mu - r)).sum() + mu * (rho * F.softplus(rs - log_mu)).sum()
 
 
 WRONG_VARIANTS = {
@@ -426,10 +422,108 @@ def test_a_sum_where_the_mean_belongs_is_named(objective, variant, weights):
 @pytest.mark.parametrize("objective,variant", [("spin", spin_torch_softplus), ("space", space_torch_softplus)], ids=["spin", "space"])
 def test_torch_softplus_threshold_is_named(objective, variant):
     """Failing only where softplus arguments exceed 20 (the switch cases, and for SPACE some large
-    ones), by about 1e-9: the hint names torch's softplus threshold."""
+    ones), by about 1e-9: the verdict and a hint name torch's softplus threshold."""
     report = audit(variant, objective)
     assert not report.passed and any("/switch/" in r.name for r in report.failures)
+    assert report.exit_status == 3 and report.verdict == "matches up to the softplus threshold (20, torch's default)"
     assert any("threshold" in h and "softplus" in h for h in report.hints()), report.format(verbose=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Numerical causes get their own verdict (exit status 3), on evidence; real bugs stay exit 1
+
+
+@pytest.mark.parametrize("name", sorted(NUMERICAL_ONLY))
+def test_right_code_short_of_float64_gets_its_numerical_verdict(name, tmp_path, capsys):
+    """NeMo-Aligner's SPIN in float32, float64 SPIN with float32 constants, SPIN/SPACE with torch's
+    softplus: every failing case is explained by its named cause; verdict and exit status 3, in the
+    Python API, the JSON report and on the command line."""
+    objective, fn, weights, verdict = NUMERICAL_ONLY[name]
+    report = audit(fn, objective, weights=weights)
+    assert report.failures and all(r.cause for r in report.failures), report.format(verbose=False)
+    assert (report.exit_status, report.verdict) == (3, verdict), report.format(verbose=False)
+    status = main(["--impl", f"theory_tests.mutants:{fn.__name__}", "--objective", objective, "--weights", weights, "--quiet",
+                   "--json", str(tmp_path / "report.json")])
+    out = capsys.readouterr().out
+    assert status == 3 and re.search(rf"NUMERICAL CAUSE ONLY: \d+/\d+ cases passed, verdict: {re.escape(verdict)} \(the mathematics is right\)", out), out
+    assert json.loads((tmp_path / "report.json").read_text())["verdict"] == verdict
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_the_reference_computed_in_float32_is_within_the_float32_bound(objective):
+    """Positive control of the float32 bound: the reference objective run on its inputs rounded to
+    float32 (and in float32 arithmetic) fails the float64 tolerance, yet every case lies within the
+    first-order float32 rounding bound of the case, on all golden cases of all four objectives."""
+    report = audit(in_float32(OBJECTIVES[objective]), objective)
+    assert report.failures and report.verdict == "matches up to float32 rounding", report.format(verbose=False)
+    assert report.exit_status == 3 and any("computes in float32" in h for h in report.hints())
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_MUTANTS))
+def test_float32_code_with_a_real_bug_is_still_wrong_mathematics(name, capsys):
+    """Negative controls: a sign error or a sum for a mean in NeMo-style float32 SPIN, and each IRIS
+    mutant run in float32, exceed the float32 rounding bound somewhere: exit status 1, with a hint
+    that float32 does not explain the failures."""
+    objective, fn, weights = FLOAT32_MUTANTS[name]
+    report = audit(fn, objective, weights=weights)
+    assert (report.exit_status, report.verdict) == (1, "wrong mathematics"), report.format(verbose=False)
+    assert any("exceed even the float32 rounding bound" in h for h in report.hints())
+    if objective == "spin":  # importable by name
+        assert main(["--impl", f"theory_tests.mutants:{fn.__name__}", "--objective", "spin", "--weights", "uniform"]) == 1
+        assert "FAIL: " in capsys.readouterr().out
+
+
+def test_float32_is_seen_where_the_loss_comes_back_float64():
+    """The evidence is any float32 tensor the audited code computes, not the loss's dtype: SPIN with
+    β and weights built as float32 tensors returns a float64 loss, and still counts as float32."""
+    objective, fn, weights, _ = NUMERICAL_ONLY["float32_constants"]
+    case = load_golden("spin")[0]
+    inputs = [torch.tensor(case["inputs"][k], dtype=torch.float64) for k in LOGP_NAMES]
+    assert fn(*inputs, beta=0.1).dtype == torch.float64
+    report = audit(fn, objective, weights=weights)
+    assert report.exit_status == 3 and all(r.float32_seen for r in report.results)
+
+
+def test_float32_sized_errors_without_float32_are_wrong_mathematics():
+    """The float32 verdict needs evidence that float32 is at work, not only errors of its size: a
+    float64 loss off by a relative 1e-7 (inside the float32 bound) computes no float32 tensor and
+    fails with exit status 1."""
+
+    def off_by_1e7(*args, **kwargs):
+        return OBJECTIVES["spin"](*args, **kwargs).loss * (1 + 1e-7)
+
+    report = audit(off_by_1e7, "spin")
+    assert (report.exit_status, report.verdict) == (1, "wrong mathematics")
+    assert not any(r.float32_seen or r.cause for r in report.results)
+
+
+def test_softplus_sized_errors_elsewhere_are_wrong_mathematics():
+    """The softplus verdict needs a match with the thresholded reference, not only small errors: a
+    loss off by 2e-9 everywhere (the size of the threshold's error) is wrong mathematics."""
+
+    def off_by_2e9(*args, **kwargs):
+        return OBJECTIVES["space"](*args, **kwargs).loss + 2e-9
+
+    report = audit(off_by_2e9, "space")
+    assert (report.exit_status, report.verdict) == (1, "wrong mathematics") and not report.hints()
+
+
+def test_other_softplus_thresholds_are_detected():
+    """A softplus thresholded at 15 instead of 20 is found by trying integer thresholds: the verdict
+    names the range of thresholds the golden cases cannot tell apart, 15 among them."""
+    report = audit(space_softplus_threshold_15, "space")
+    assert report.exit_status == 3, report.format(verbose=False)
+    low, high = map(int, re.fullmatch(r"matches up to the softplus threshold \(between (\d+) and (\d+)\)", report.verdict).groups())
+    assert low <= 15 <= high < 20
+
+
+def test_a_numerical_cause_does_not_hide_an_adapter_problem():
+    """NeMo-style SPIN without sample weights on all cases: the weighted cases break the calling
+    convention and the uniform ones match up to float32 rounding: exit status 2 (fix the adapter
+    first), with the --weights uniform hint."""
+    report = audit(NUMERICAL_ONLY["nemo_aligner_float32"][1], "spin")
+    assert report.exit_status == 2 and report.verdict == "adapter problem"
+    assert any("--weights uniform" in h for h in report.hints())
 
 
 def test_no_hint_where_the_cause_is_not_clear():
@@ -556,16 +650,22 @@ def test_help_documents_the_calling_convention(capsys):
     for fragment in ("policy_real_logps", "reward_bound", "pair_weights", "--arg-map", "exit status"):
         assert fragment in text
     assert "weighted MEANS" in text and "1/N" in text and "needs --weights uniform" in text
-    assert "2 the adapter is wrong" in " ".join(text.split())
+    text = " ".join(text.split())
+    assert "2 the adapter is wrong" in text and "3 the mathematics is right" in text
+    assert "'float32 rounding'" in text and "'the softplus threshold'" in text
 
 
 def test_the_docs_say_means_not_sums_and_give_the_exit_codes():
     """docs/audit.md states that SPIN, SPACE and SPIF are weighted means (1/N), that code without
-    sample weights needs --weights uniform, and what exit statuses 0, 1 and 2 mean."""
+    sample weights needs --weights uniform, and what exit statuses 0, 1, 2 and 3 mean."""
     text = " ".join((REPO_ROOT / "docs" / "audit.md").read_text(encoding="utf-8").split())
     assert "SPIN, SPACE and SPIF are weighted means, not sums" in text and "1/N" in text
     assert "Paired DPO-style code takes no sample weights" in text and "--weights uniform" in text
-    for row in ("| 0 | every selected case passes", "| 1 | the mathematics is wrong", "| 2 | an adapter or usage problem"):
+    rows = ("| 0 | pass | every selected case passes", "| 1 | wrong mathematics (or: the audited code raised) | the mathematics is wrong",
+            "| 2 | adapter problem | an adapter or usage problem",
+            "| 3 | matches up to float32 rounding / the softplus threshold (…) | the mathematics is right, every failing case "
+            "matches only up to a named numerical cause")
+    for row in rows:
         assert row in text
     assert "theory_tests/golden/*.json" not in text and "iris_ref/golden/" in text
 
