@@ -80,7 +80,9 @@ def load_prompts(num_prompts: int) -> list[list[dict]]:
 def mixed_length_prompts(tokenizer, num_prompts: int, seed: int = 0, median_tokens: int = 64, sigma: float = 0.8,
                          shortest: int = 16, longest: int = 320) -> list[list[dict]]:
     """Toy prompts behind filler context, prompt lengths log-normal (see the module docstring)."""
-    from iris_ref.data import prompt_ids
+    from iris_ref.chat import ChatFormat
+
+    prompt_ids = ChatFormat(tokenizer).prompt_ids
 
     rng = random.Random(seed)
     prompts = []
@@ -91,9 +93,9 @@ def mixed_length_prompts(tokenizer, num_prompts: int, seed: int = 0, median_toke
         while True:
             content = (" ".join(words) + "\n" + question) if words else question
             prompt = [*messages[:-1], {"role": "user", "content": content}]
-            if len(prompt_ids(tokenizer, prompt)) >= target:
+            if len(prompt_ids(prompt)) >= target:
                 break
-            words.extend(rng.choice(FILLER) for _ in range(max(1, (target - len(prompt_ids(tokenizer, prompt))) // 3)))
+            words.extend(rng.choice(FILLER) for _ in range(max(1, (target - len(prompt_ids(prompt))) // 3)))
         prompts.append(prompt)
     rng.shuffle(prompts)
     return prompts
@@ -156,9 +158,9 @@ def old_generate_hf(model, tokenizer, token_ids, max_new_tokens, temperature, to
     import torch
     from transformers import GenerationConfig
 
-    from iris_ref.data import stop_token_ids
+    from iris_ref.chat import ChatFormat
 
-    stops = stop_token_ids(tokenizer)
+    stops = ChatFormat(tokenizer).stop_ids
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = temperature > 0
     generation_config = GenerationConfig(
@@ -231,7 +233,7 @@ def run_benchmark(batch_sizes=BATCH_SIZES, num_prompts: int = 128, max_new_token
     import torch
     from transformers import AutoModelForCausalLM
 
-    from iris_ref.data import prompt_ids, stop_token_ids
+    from iris_ref.chat import ChatFormat
     from iris_ref.generation import generate, plan_batches
     from iris_ref.tiny import build_tiny_tokenizer, save_tiny_checkpoint
 
@@ -239,8 +241,9 @@ def run_benchmark(batch_sizes=BATCH_SIZES, num_prompts: int = 128, max_new_token
         raise ValueError("batch sizes, num_prompts, max_new_tokens and repeats must be >= 1")
     tokenizer = build_tiny_tokenizer()
     prompts = mixed_length_prompts(tokenizer, num_prompts)
-    token_ids = [prompt_ids(tokenizer, p) for p in prompts]
-    stops = stop_token_ids(tokenizer)
+    chat = ChatFormat(tokenizer)
+    token_ids = [chat.prompt_ids(p) for p in prompts]
+    stops = chat.stop_ids
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
         model = AutoModelForCausalLM.from_pretrained(checkpoint).to(device).eval()

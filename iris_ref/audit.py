@@ -804,6 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Code without sample weights (paired DPO-style code) needs --weights uniform."
         ),
         epilog=(
+            "templates: python -m iris_ref.audit --template MODEL_OR_TOKENIZER_DIR [--chat-template-kwargs JSON]\n"
+            "  checks a tokenizer and its chat template for token-exact self-play instead (BOS policy,\n"
+            "  prefix property, leading space, stop tokens, date, think blocks; exit 1 on a violation,\n"
+            "  see iris_ref/template_audit.py)\n\n"
             "examples:\n"
             "  python -m iris_ref.audit --impl iris_ref.objectives:iris_loss --objective iris\n"
             "  python -m iris_ref.audit --impl mylib/losses.py:renyi_loss --objective iris --alpha 0.5 \\\n"
@@ -836,6 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg == "--template" or arg.startswith("--template=") for arg in argv):
+        from iris_ref import template_audit
+
+        return template_audit.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {"alpha": args.alpha, "beta": args.beta, "mu": args.mu}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -65,6 +66,12 @@ class IrisConfig:
                                        "test_sft of the hub default; the toy held-out file without --model; else none")
     eval_split: Optional[str] = _opt(None, "Split of --eval-dataset.", "data", "test_sft for hub datasets, train for local files")
     eval_num_samples: Optional[int] = _opt(256, "Held-out rows per evaluation (none: all).", "data", "our choice: a cost bound")
+    chat_template_kwargs: Optional[str] = _opt(None, "Options of the chat template as a JSON object, passed to every "
+                                                "rendering (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3.",
+                                                "data")
+    template_date: Optional[str] = _opt(None, "The date the chat template sees (YYYY-MM-DD; Llama 3.x templates print "
+                                        "it), frozen for the run so that a resume on another day gives the same ids.",
+                                        "data", "the day the run starts")
     iters: int = _opt(3, "Self-play iterations.", "data", "SPIN, IRIS")
     # --- objective ---------------------------------------------------------------------
     loss: Literal["iris", "spin", "space", "spif"] = _opt("iris", "Self-play objective (THEORY.md section 2).", "objective")
@@ -109,7 +116,9 @@ class IrisConfig:
     # --- lengths and generation ----------------------------------------------------------
     max_length: int = _opt(1024, "Max tokens of prompt + response.", "generation", "SPIN")
     max_prompt_length: int = _opt(512, "Max prompt tokens; longer prompts are skipped and counted.", "generation", "SPIN")
-    max_new_tokens: Optional[int] = _opt(None, "Max generated tokens.", "generation", "max length - max prompt length")
+    max_new_tokens: Optional[int] = _opt(None, "Cap on response tokens, the same for annotated and synthetic "
+                                         "responses (each prompt's budget is max length - its length).", "generation",
+                                         "none: the budget alone, as SPIN's max length")
     temperature: float = _opt(1.0, "Sampling temperature of the opponent.", "generation", "SPIN")
     top_p: float = _opt(1.0, "Nucleus sampling of the opponent.", "generation", "SPIN")
     generator: Literal["auto", "vllm", "hf"] = _opt("auto", "Generation backend: vLLM when it imports and CUDA is "
@@ -163,8 +172,10 @@ class IrisConfig:
                 v[name] = None
         if v["sft_learning_rate"] is None:
             v["sft_learning_rate"] = v["learning_rate"]
-        if v["max_new_tokens"] is None:
-            v["max_new_tokens"] = v["max_length"] - v["max_prompt_length"]
+        if v["template_date"] is None:
+            v["template_date"] = datetime.date.today().isoformat()
+        if isinstance(v["chat_template_kwargs"], (dict, str)):
+            v["chat_template_kwargs"] = json.dumps(parse_template_kwargs(v["chat_template_kwargs"]), sort_keys=True)
         if v["device"] == "auto":
             v["device"] = "cuda" if _cuda_available() else "cpu"
         on_cuda = str(v["device"]).startswith("cuda")
@@ -199,7 +210,7 @@ class IrisConfig:
             raise ConfigError(
                 f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length ({self.max_length})")
         at_least_one = ("iters", "epochs", "global_batch_size", "micro_batch_size", "max_length", "max_prompt_length",
-                        "max_new_tokens", "generation_batch_size", "num_synthetic")
+                        "generation_batch_size", "num_synthetic")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -208,7 +219,8 @@ class IrisConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience", "sft_validation_size"):
+        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience", "sft_validation_size",
+                     "max_new_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.sft_epochs < 0:
@@ -227,10 +239,11 @@ class IrisConfig:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.max_new_tokens > self.max_length - self.max_prompt_length:
-            raise ConfigError(
-                f"--max-new-tokens ({self.max_new_tokens}) exceeds --max-length - --max-prompt-length "
-                f"({self.max_length - self.max_prompt_length}): generated responses would not fit the training length")
+        try:
+            datetime.date.fromisoformat(str(self.template_date))
+        except ValueError:
+            raise ConfigError(f"--template-date must be a date YYYY-MM-DD, got {self.template_date!r}") from None
+        parse_template_kwargs(self.chat_template_kwargs)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"--micro-batch-size {self.micro_batch_size} does not divide --global-batch-size {self.global_batch_size}")
@@ -266,7 +279,7 @@ RESUMABLE_CHANGES = frozenset({
 })
 # Options whose default depends on others (filled by `IrisConfig.resolve`).
 DERIVED = frozenset({"dataset", "split", "eval_dataset", "eval_split", "beta", "mu", "gradient_checkpointing", "bf16",
-                     "max_new_tokens", "sft_learning_rate", "output_dir"})
+                     "sft_learning_rate", "output_dir", "template_date"})
 # Options that hold a path: compared after resolving them against the current directory.
 PATH_OPTIONS = ("model", "dataset", "eval_dataset", "output_dir")
 _GENERIC_NAMES = re.compile(r"^(checkpoint(-\d+)?|iter_\d+|final|best|latest|model|hf|output)$")
@@ -278,6 +291,21 @@ def _flag(name: str) -> str:
 
 def is_local(source: str) -> bool:
     """A path rather than a hub id (`org/name`): it exists, has a data-file suffix, starts like a
+def parse_template_kwargs(value) -> dict[str, Any]:
+    """`--chat-template-kwargs` as a dict: a JSON object (a mapping in a YAML config); `ConfigError` otherwise."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"--chat-template-kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}': "
+                              f"{exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"--chat-template-kwargs must be a JSON object of options, got {value!r}")
+    return value
+
+
     path, or has more than one `/`."""
     return os.path.exists(os.path.expanduser(source)) or source.endswith((".json", ".jsonl", ".parquet")) \
         or source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -505,6 +533,8 @@ def resume_config(options: dict[str, Any]) -> IrisConfig:
 
 
 def config_from_dict(values: dict[str, Any]) -> IrisConfig:
+    if values.get("template_date") is None:  # a run from before the date was frozen rendered with "today"
+        values["template_date"] = datetime.date.today().isoformat()
     """Rebuild a config from a dict (config.json); unknown keys are a `ConfigError`."""
     known = {f.name for f in dataclasses.fields(IrisConfig)}
     unknown = sorted(set(values) - known)

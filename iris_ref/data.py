@@ -1,4 +1,4 @@
-"""Dataset loading and validation, the one chat template, tokenisation with prompt masking.
+"""Dataset loading and validation, token-exact training sequences, collation.
 
 Choices:
 
@@ -32,21 +32,29 @@ Choices:
   given, repeats included.
 * Invalid rows are skipped and counted by reason (see ``SkipCounts``; only the turns that
   are looked at are checked); an error is raised if nothing valid is left.
-* One chat template for generation and training: ``prompt_ids`` is
-  ``apply_chat_template(prompt, add_generation_prompt=True)``. An annotated training sequence
-  (``encode_pair``) is exactly those ids followed by the response ids and the template's
-  end-of-turn token(s). A sampled one (``encode_generated``) is those ids followed by exactly
-  the token ids the opponent sampled, never re-tokenised.
-  The end-of-turn is read off the template itself (``<|im_end|>`` for Qwen, ``<|eot_id|>``
-  for Llama 3), not assumed to be ``tokenizer.eos_token`` (a base Qwen2.5's eos is
-  ``<|endoftext|>`` while its template ends turns with ``<|im_end|>``).
+* **Token-exact sequences: what is trained is what the model sees.** ``chat.ChatFormat``
+  applies one rule (its docstring has the details and the reasons):
+
+  - an annotated training sequence (``encode_pair``) is the tokens of the rendered
+    conversation as an SFT pipeline tokenizes it: the tokenizer's own special-token policy,
+    the BOS exactly once, the response never tokenized on its own, ending with the template's
+    end of turn;
+  - the generation prompt (``ChatFormat.prompt_ids``) is its prefix; a row where the tokens
+    break that property is skipped, counted as ``prefix_mismatch``, and the first one named;
+  - a synthetic sequence (``encode_generated``) is that prompt followed by exactly the token
+    ids the opponent sampled, never re-tokenised;
+  - both response sets get one length budget per prompt, ``max_length - |prompt|`` (capped
+    by ``max_new_tokens``): ``response_budget``. A response over it is cut (``cut``), the
+    annotated one like the sampled one, without its end of turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import operator
-from dataclasses import dataclass, fields
+from array import array
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +83,14 @@ class SkipCounts:
       turn to answer it;
     * ``bad_content``: a used turn's ``content`` is missing or not a string;
     * ``empty_content``: a used turn's ``content`` is blank;
-    * ``duplicate``: a ``prompt`` + ``chosen`` row repeating an example already kept.
+    * ``duplicate``: a ``prompt`` + ``chosen`` row repeating an example already kept;
+    * ``too_long``: the prompt exceeds ``max_prompt_length`` or leaves no room for a response;
+    * ``prefix_mismatch``: the tokenized generation prompt is not the start of the tokenized
+      conversation (``chat.ChatFormat``), so no sequence is both what the model was prompted
+      with and what it would be trained on; ``first`` describes the first such row;
+    * ``no_end_of_turn``: the template did not close this response the way it closes others;
+    * ``template_error``: the chat template raised on the conversation (Gemma's refuses a
+      system turn); ``first`` gives its message.
     """
 
     not_a_list: int = 0
@@ -87,16 +102,23 @@ class SkipCounts:
     empty_content: int = 0
     duplicate: int = 0
     too_long: int = 0
+    prefix_mismatch: int = 0
+    no_end_of_turn: int = 0
+    template_error: int = 0
+    first: dict = field(default_factory=dict, compare=False)  # reason -> the first such row, described
+
+    def _counts(self):
+        return [f.name for f in fields(self) if f.name != "first"]
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return sum(getattr(self, name) for name in self._counts())
 
     def add(self, reason: str) -> None:
         setattr(self, reason, getattr(self, reason) + 1)
 
     def describe(self) -> str:
-        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name)]
+        parts = [f"{name}={getattr(self, name)}" for name in self._counts() if getattr(self, name)]
         return ", ".join(parts) if parts else "none"
 
 
@@ -104,6 +126,7 @@ class SkipCounts:
 class EncodedSequence:
     input_ids: list[int]
     prompt_length: int
+    cut: bool = False  # the response was cut at its budget (``response_budget``)
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,86 +394,97 @@ def load_examples(
 
 
 # ---------------------------------------------------------------------------------------
-# The chat template and tokenisation
+# Token-exact sequences (the rule is in the module docstring; `chat.ChatFormat` applies it)
 # ---------------------------------------------------------------------------------------
 
 
-def _as_id_list(encoded) -> list[int]:
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return [int(i) for i in ids]
+def response_budget(prompt_length: int, max_length: int, max_new_tokens: int | None = None) -> int:
+    """Response tokens a prompt of ``prompt_length`` tokens may have, the SAME for its annotated
+    and its synthetic responses: ``max_length - prompt_length``, capped at ``max_new_tokens``.
+    (Otherwise a long annotated answer would be longer than any sampled one could be, and
+    length alone would tell the two sets apart.)"""
+    budget = max_length - prompt_length
+    return budget if max_new_tokens is None else min(budget, max_new_tokens)
 
 
-def prompt_ids(tokenizer, prompt_messages: list[dict]) -> list[int]:
-    """Token ids of the prompt, exactly as given to the model for generation and training."""
-    return _as_id_list(
-        tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    )
-
-
-_RESPONSE_MARKER = "IRISRESPONSEMARKER"
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Tokens the chat template puts right after an assistant response (whitespace after
-    them excluded); the tokenizer's eos if the template adds nothing there."""
-    # Cached on the tokenizer, keyed by the template, since encode_pair calls this per row.
-    cached = getattr(tokenizer, "_iris_end_of_turn_ids", None)
-    if cached is not None and cached[0] == tokenizer.chat_template:
-        return list(cached[1])
-    conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _RESPONSE_MARKER}]
-    text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    suffix = text.split(_RESPONSE_MARKER, 1)[1].rstrip() if _RESPONSE_MARKER in text else ""
-    ids = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
-    if not ids:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos token and its chat template marks no end of turn")
-        ids = [tokenizer.eos_token_id]
-    with contextlib.suppress(AttributeError):
-        tokenizer._iris_end_of_turn_ids = (tokenizer.chat_template, tuple(ids))
-    return list(ids)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Generation stops at the template's end-of-turn token or at the tokenizer's eos."""
-    stops = [end_of_turn_ids(tokenizer)[0]]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
-    return stops
-
-
-def _prompt_that_fits(tokenizer, prompt_messages, max_length: int, max_prompt_length: int) -> list[int] | None:
+def _prompt_that_fits(chat, prompt_messages, max_length: int, max_prompt_length: int) -> list[int] | None:
     """The prompt ids, or None if the prompt exceeds ``max_prompt_length`` or leaves no room
     for a response token within ``max_length``."""
     if max_length <= 0 or max_prompt_length <= 0:
         raise ValueError(f"max_length and max_prompt_length must be positive, got {max_length}, {max_prompt_length}")
-    prompt = prompt_ids(tokenizer, prompt_messages)
+    prompt = chat.prompt_ids(prompt_messages)
     if len(prompt) > max_prompt_length or len(prompt) >= max_length:
         return None
     return prompt
 
 
 def encode_pair(
-    tokenizer, prompt_messages: list[dict], response: str, max_length: int, max_prompt_length: int,
-    *, end_of_turn: bool = True,
-) -> EncodedSequence | None:
-    """Prompt ids + response ids + end-of-turn ids; None if the prompt is too long.
+    chat, prompt_messages: list[dict], response: str, max_length: int, max_prompt_length: int,
+    max_new_tokens: int | None = None,
+) -> tuple[EncodedSequence | None, str | None]:
+    """An annotated response as trained on, or the ``SkipCounts`` reason it is not.
 
-    For annotated (text) responses. A response the model sampled is encoded with
-    ``encode_generated`` instead, from its token ids. ``end_of_turn=False`` leaves the
-    end-of-turn ids out (for a text response that was cut before its end).
-
-    The prompt is too long if it exceeds ``max_prompt_length`` or leaves no room for a
-    response token within ``max_length``. A response that does not fit is truncated (its
-    end-of-turn token then falls off too), as in TRL's DPO/SPIN trainers.
+    The ids are the rendered conversation's, cut after the end of turn (``chat.ChatFormat``):
+    the prompt's ids, then the response's as they follow them in context. The response is cut
+    to ``response_budget`` tokens, the rule its synthetic responses are sampled under (its end
+    of turn then falls off, as a sampled response cut at the budget has none): ``cut`` says so.
+    Reasons: ``too_long`` (the prompt exceeds ``max_prompt_length`` or leaves no room),
+    ``prefix_mismatch`` and ``no_end_of_turn`` (see ``ChatFormat.conversation_ids``),
+    ``template_error`` (the template raised on this conversation).
     """
-    prompt = _prompt_that_fits(tokenizer, prompt_messages, max_length, max_prompt_length)
-    if prompt is None:
-        return None
-    response_ids = tokenizer.encode(response, add_special_tokens=False)
-    if end_of_turn:
-        response_ids += end_of_turn_ids(tokenizer)
-    ids = (prompt + response_ids)[:max_length]
-    return EncodedSequence(input_ids=ids, prompt_length=len(prompt))
+    from jinja2.exceptions import TemplateError
+
+    try:
+        if _prompt_that_fits(chat, prompt_messages, max_length, max_prompt_length) is None:
+            return None, "too_long"
+        pair = chat.conversation_ids(prompt_messages, response)
+    except TemplateError:  # the template refuses this conversation (Gemma's: a system turn)
+        return None, "template_error"
+    if isinstance(pair, str):
+        return None, pair
+    prompt, response_ids = pair
+    budget = response_budget(len(prompt), max_length, max_new_tokens)
+    return EncodedSequence(prompt + response_ids[:budget], len(prompt), cut=len(response_ids) > budget), None
+
+
+def encode_examples(chat, examples: list[Example], max_length: int, max_prompt_length: int,
+                    max_new_tokens: int | None = None, counts: SkipCounts | None = None
+                    ) -> tuple[list[Example], list[EncodedSequence], SkipCounts]:
+    """``encode_pair`` of every example: those that encode, their sequences, and the skips
+    counted (added to ``counts``), the first row of each tokenization reason described."""
+    counts = counts if counts is not None else SkipCounts()
+    kept, encoded = [], []
+    for example in examples:
+        seq, reason = encode_pair(chat, example.prompt_messages, example.response, max_length, max_prompt_length,
+                                  max_new_tokens)
+        if seq is None:
+            counts.add(reason)
+            if reason in ("prefix_mismatch", "template_error") and reason not in counts.first:
+                counts.first[reason] = _describe_skip(chat, example, reason)
+            continue
+        kept.append(example)
+        encoded.append(seq)
+    return kept, encoded, counts
+
+
+def _describe_skip(chat, example: Example, reason: str) -> str:
+    if reason == "prefix_mismatch":
+        return chat.describe_mismatch(example.prompt_messages, example.response)
+    try:
+        chat.render(example.prompt_messages + [{"role": "assistant", "content": example.response}], False)
+    except Exception as error:  # noqa: BLE001 - the template's own message is the description
+        return f"{type(error).__name__}: {str(error).strip()[:120]}"
+    return "the template raised"
+
+
+def sequences_sha256(sequences) -> str:
+    """SHA-256 of token sequences (ids and prompt lengths, in order): what an artefact made from
+    them records, so that a resume can tell they are the same."""
+    digest = hashlib.sha256()
+    for seq in sequences:
+        digest.update(len(seq.input_ids).to_bytes(8, "little") + int(seq.prompt_length).to_bytes(8, "little"))
+        digest.update(array("q", seq.input_ids).tobytes())
+    return digest.hexdigest()
 
 
 def _token_id_list(token_ids) -> list[int]:
@@ -466,26 +500,28 @@ def _token_id_list(token_ids) -> list[int]:
 
 
 def encode_generated(
-    tokenizer, prompt_messages: list[dict], response_token_ids, max_length: int, max_prompt_length: int,
+    chat, prompt_messages: list[dict], response_token_ids, max_length: int, max_prompt_length: int,
+    max_new_tokens: int | None = None,
 ) -> EncodedSequence | None:
-    """Prompt ids + exactly the token ids the model sampled; None if there is nothing to train on.
+    """The generation prompt's ids + exactly the token ids the model sampled; None if there is
+    nothing to train on.
 
-    The prompt ids are ``prompt_ids`` (the ids generation fed the model). The response ids are
-    used as given: with the stop token the model emitted, if it emitted one, and nothing
-    appended (a response cut at ``max_new_tokens`` has no end-of-turn), never decoded and
-    re-tokenised (text -> ids is not the inverse of ids -> text, so re-tokenising would score
-    a sequence the model did not sample). The sequence is truncated to ``max_length``.
+    The response ids are used as given: with the stop token the model emitted, if it emitted
+    one, and nothing appended (a response cut at its budget has no end of turn), never decoded
+    and re-tokenised (text -> ids is not the inverse of ids -> text, so re-tokenising would
+    score a sequence the model did not sample). They are cut to ``response_budget`` (a
+    generator already stops there).
 
     None when the prompt is too long (the rule of ``encode_pair``) or when the response has
     no tokens. So every returned sequence has at least one response token and is fit for
-    ``collate``; callers skip a None. For a prompt whose annotated pair encoded, None means
-    the response was empty.
+    ``collate``; callers skip a None.
     """
     response = _token_id_list(response_token_ids)
-    prompt = _prompt_that_fits(tokenizer, prompt_messages, max_length, max_prompt_length)
+    prompt = _prompt_that_fits(chat, prompt_messages, max_length, max_prompt_length)
     if prompt is None or not response:
         return None
-    return EncodedSequence(input_ids=(prompt + response)[:max_length], prompt_length=len(prompt))
+    budget = response_budget(len(prompt), max_length, max_new_tokens)
+    return EncodedSequence(input_ids=prompt + response[:budget], prompt_length=len(prompt), cut=len(response) > budget)
 
 
 def collate(sequences: list[EncodedSequence], pad_token_id: int) -> dict[str, torch.Tensor]:

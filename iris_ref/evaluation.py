@@ -48,25 +48,26 @@ def _token_budget(config) -> int:
     return config.micro_batch_size * 2 * config.max_length
 
 
-def _encoded(tokenizer, examples, config) -> list:
-    encoded = (data.encode_pair(tokenizer, ex.prompt_messages, ex.response, config.max_length, config.max_prompt_length)
-               for ex in examples)
-    return [seq for seq in encoded if seq is not None]
+def _encoded(chat, examples, config) -> list:
+    """The held-out responses as trained on (data.encode_pair: the run's one rule and budgets)."""
+    return data.encode_examples(chat, examples, config.max_length, config.max_prompt_length, config.max_new_tokens)[1]
 
 
-def heldout_nll(policy, tokenizer, examples, config) -> float:
+def heldout_nll(policy, chat, examples, config) -> float:
     """Mean NLL per response token of the annotated held-out responses."""
-    sequences = _encoded(tokenizer, examples, config)
-    logps = score_sequences(policy, sequences, tokenizer.pad_token_id, token_budget=_token_budget(config), bf16=config.bf16)
+    sequences = _encoded(chat, examples, config)
+    logps = score_sequences(policy, sequences, chat.tokenizer.pad_token_id, token_budget=_token_budget(config),
+                            bf16=config.bf16)
     return float(-logps.double().sum() / sum(len(s.input_ids) - s.prompt_length for s in sequences))
 
 
-def evaluate(policy, tokenizer, examples, config) -> dict[str, Any]:
-    """Held-out metrics of `policy` (from `distributed.prepare_model`) on `examples` (data.Example)."""
-    sequences = _encoded(tokenizer, examples, config)
+def evaluate(policy, chat, examples, config) -> dict[str, Any]:
+    """Held-out metrics of `policy` (from `distributed.prepare_model`) on `examples` (data.Example);
+    `chat` is the run's `chat.ChatFormat`."""
+    sequences = _encoded(chat, examples, config)
     out: dict[str, Any] = {"heldout_rows": len(sequences)}
     if sequences:
-        out["heldout_nll"] = heldout_nll(policy, tokenizer, examples, config)
+        out["heldout_nll"] = heldout_nll(policy, chat, examples, config)
     if not is_toy_task(examples):
         return out
     from iris_ref import tiny
@@ -77,7 +78,9 @@ def evaluate(policy, tokenizer, examples, config) -> dict[str, Any]:
     sharded = distributed.parallel_strategy(policy) == "fsdp"  # every forward is collective
 
     def sample(temperature: float, seed: int) -> list[str]:
-        outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+        budgets = [data.response_budget(len(chat.prompt_ids(p)), config.max_length, config.max_new_tokens)
+                   for p in prompts]
+        outputs = generation.generate(model, chat, prompts, max_new_tokens=budgets,
                                       temperature=temperature, top_p=config.top_p, seed=seed,
                                       batch_size=config.generation_batch_size, backend="hf", synced_gpus=sharded,
                                       desc="held-out generation")
@@ -93,11 +96,12 @@ def evaluate(policy, tokenizer, examples, config) -> dict[str, Any]:
         valid = tiny.toy_valid_answers(text)
         sizes.append(len(valid))
         for answer in valid:
-            seq = data.encode_pair(tokenizer, ex.prompt_messages, answer, config.max_length, config.max_prompt_length)
+            seq, _ = data.encode_pair(chat, ex.prompt_messages, answer, config.max_length, config.max_prompt_length,
+                                      config.max_new_tokens)
             if seq is not None:
                 answers.append(seq)
                 owners.append(i)
-    probs = torch.exp(score_sequences(policy, answers, tokenizer.pad_token_id, token_budget=_token_budget(config),
+    probs = torch.exp(score_sequences(policy, answers, chat.tokenizer.pad_token_id, token_budget=_token_budget(config),
                                       bf16=config.bf16).double()).numpy()
     owners_arr = np.asarray(owners)
     masses, tvs = [], []

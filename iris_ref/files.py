@@ -145,16 +145,18 @@ def atomic_directory(final: Path) -> Iterator[Optional[Path]]:
 
 
 def reuse_or_make(path: Path, make: Callable[[], T], *, save: Callable[[Path, T], None],
-                  load: Callable[[Path], T], valid: Callable[[T], bool] = lambda _: True,
+                  load: Callable[[Path], T], mismatch: Callable[[T], Optional[str]] = lambda _: None,
                   log: Callable[[str], None] = print) -> T:
-    """The artefact at `path` if a previous (killed) run finished it and it is `valid`, else
-    `make()` it and `save` it (atomically, rank 0). Every rank returns the same value."""
+    """The artefact at `path` if a previous (killed) run finished it and `mismatch(value)` finds
+    nothing wrong with it (None), else `make()` it and `save` it (atomically, rank 0), saying
+    why in one line. Every rank returns the same value."""
     path = Path(path)
     if path.exists():
         value = load(path)
-        if valid(value):
+        reason = mismatch(value)
+        if reason is None:
             return value
-        log(f"{path} does not belong to this run's state (e.g. other weights); making it again")
+        log(f"{path} was made from {reason}; making it again")
     value = make()
     save(path, value)
     return value

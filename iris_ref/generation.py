@@ -1,6 +1,6 @@
 """Synthetic responses from the opponent: one function, ``generate``, two backends.
 
-``generate(model_or_path, tokenizer, prompts, *, num_responses=1, max_new_tokens, ...)``
+``generate(model_or_path, chat, prompts, *, num_responses=1, max_new_tokens, ...)``
 returns, for every prompt in order, its ``num_responses`` :class:`Generation` objects, on
 every rank. A ``Generation`` holds
 
@@ -9,26 +9,32 @@ every rank. A ``Generation`` holds
   stops on its eos): the ids that are scored, never decoded text re-tokenised;
 * ``text``: those tokens decoded with special tokens skipped (the final stop token is never
   part of the text);
-* ``finished``: True when the response ended with a stop token, False when it was cut at
-  ``max_new_tokens`` (or at vLLM's ``max_model_len``), so that no end of turn the model never
-  produced is appended to it.
+* ``finished``: True when the response ended with a stop token, False when it was cut at its
+  budget (or at vLLM's ``max_model_len``), so that no end of turn the model never produced is
+  appended to it.
 
-``max_new_tokens >= 1`` always gives at least one token: a response can be empty of text (its
-first token was the stop token, or only special tokens / partial UTF-8 bytes were sampled) but
-never empty of tokens.
+``max_new_tokens`` is one budget for every prompt or a list of one per prompt (a run gives
+each prompt ``data.response_budget``: ``max_length - |prompt|``, the budget its annotated
+response is cut to). A budget >= 1 always gives at least one token: a response can be empty
+of text (its first token was the stop token, or only special tokens / partial UTF-8 bytes were
+sampled) but never empty of tokens.
 
-Both backends feed the model exactly ``data.prompt_ids(tokenizer, prompt)`` (the one chat
-template, as token ids) and stop at ``data.stop_token_ids(tokenizer)`` (the template's
-end-of-turn token and the tokenizer's eos). Only the arguments given here shape sampling:
-temperature, top_p (top-k off, no repetition penalty), ``temperature=0`` is greedy.
+``chat`` is the run's ``chat.ChatFormat`` (a bare tokenizer is accepted and gets its default
+format). Both backends feed the model exactly ``chat.prompt_ids(prompt)`` and stop at exactly
+``chat.stop_ids``: the special tokens of the template's end of turn, the tokenizer's eos and the
+model's ``generation_config`` eos ids (vLLM adds the latter by itself; here they are in the set
+for both). Only the arguments given here shape sampling: temperature, top_p (top-k off, no
+repetition penalty), ``temperature=0`` is greedy. ``trust_remote_code`` reaches every load.
 
 transformers (``backend="hf"``)
 -------------------------------
 * One global plan: the prompt x response requests sorted by prompt length (longest first, ties
   by prompt index then response index), cut into batches of ``batch_size`` sequences (less
   padding than prompts in data order). Each batch is left-padded by hand (the caller's
-  tokenizer is never touched), decoded with the KV cache, and stops as soon as every row has
-  stopped (``model.generate`` does this).
+  tokenizer is never touched), decoded with the KV cache up to the largest budget of its rows,
+  and stops as soon as every row has stopped (``model.generate`` does this). A row is then cut
+  at its own budget: sampling is sequential, so that is the response it would have had with
+  its own limit (length-sorted batches keep the difference small).
 * Batch ``b`` is sampled after seeding the CPU generator (and the model's CUDA device) with an
   integer derived from ``(seed, b)`` only, inside ``torch.random.fork_rng``: the caller's RNG
   state is left as it was, and a batch's result does not depend on which batches ran before it.
@@ -47,9 +53,10 @@ transformers (``backend="hf"``)
 vLLM (``backend="vllm"``)
 -------------------------
 * A fresh ``vllm.LLM(model=path, tokenizer=path, seed=..., dtype="bfloat16",
-  gpu_memory_utilization=..., max_model_len=...)`` on the saved checkpoint (so the opponent is
-  exactly what was saved), one request per prompt with ``SamplingParams(n=num_responses,
-  temperature, top_p, max_tokens=max_new_tokens, stop_token_ids=stops)``, the prompt passed as
+  gpu_memory_utilization=..., max_model_len=..., trust_remote_code=...)`` on the saved
+  checkpoint (so the opponent is exactly what was saved), one request per prompt with
+  ``SamplingParams(n=num_responses, temperature, top_p, max_tokens=<the prompt's budget>,
+  stop_token_ids=stops)``, the prompt passed as
   ``{"prompt_token_ids": ...}``; the engine is torn down afterwards so that the trainer gets the
   GPU memory back. The engine is seeded once; per-request seeds (``per_request_seed=True``:
   ``seed + prompt index x num_responses``, and vLLM adds the response index) make vLLM's V1
@@ -63,8 +70,10 @@ vLLM (``backend="vllm"``)
   versions test the length limit before the stop tokens (``check_stop``), so a stop token
   sampled as the ``max_tokens``-th token is reported as "length" although the response is
   complete. ``text`` is decoded here from the ids, as for transformers.
-* Under ``torchrun`` each rank runs its own engine on its GPU (``CUDA_VISIBLE_DEVICES`` is
-  narrowed to the rank's device while the engine process starts) on its contiguous share of
+* The engine runs on the GPU of ``device`` (``--device cuda:N`` in one process, the rank's
+  device under torchrun): vLLM puts a one-GPU engine on the first visible device, so
+  ``CUDA_VISIBLE_DEVICES`` is narrowed to that one while the engine process starts.
+* Under ``torchrun`` each rank runs its own engine on its GPU on its contiguous share of
   the prompts, seeded ``seed + rank``; the results are gathered in prompt order. vLLM's results
   are neither batch-invariant nor independent of the rank layout: the same seed on a different
   number of GPUs gives different (equally distributed) samples.
@@ -87,11 +96,12 @@ import os
 import sys
 from array import array
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from iris_ref import distributed
-from iris_ref.data import prompt_ids, stop_token_ids
+from iris_ref.chat import as_chat_format
 from iris_ref.progress import Progress
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -168,12 +178,12 @@ def _resolve_backend(backend: str, has_path: bool) -> str:
     return chosen
 
 
-def _check_arguments(num_responses, max_new_tokens, temperature, top_p, batch_size, gpu_memory_utilization,
+def _check_arguments(num_responses, budgets, temperature, top_p, batch_size, gpu_memory_utilization,
                      max_model_len) -> None:
     if num_responses < 1:
         raise ValueError(f"num_responses must be >= 1, got {num_responses}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if budgets and min(budgets) < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {min(budgets)}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -193,11 +203,11 @@ def _check_arguments(num_responses, max_new_tokens, temperature, top_p, batch_si
 
 def generate(
     model_or_path,
-    tokenizer,
+    chat,
     prompts: list[list[dict]],
     *,
     num_responses: int = 1,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
@@ -208,38 +218,44 @@ def generate(
     max_model_len: int | None = None,
     per_request_seed: bool = False,
     synced_gpus: bool = False,
+    trust_remote_code: bool = False,
     desc: str = "generation",
 ) -> list[list[Generation]]:
     """``num_responses`` sampled responses to each prompt (a list of chat turns), in the prompts'
     order, on every rank (see the module docstring).
 
     ``model_or_path``: a loaded causal LM (transformers only; used where it is) or a saved
-    checkpoint's path. ``batch_size``: sequences per transformers batch. ``gpu_memory_utilization``
-    and ``max_model_len`` (None: vLLM's default, the model's own maximum) are vLLM's: its share
-    of the GPU's total memory and its context limit. ``per_request_seed``: vLLM only.
-    ``synced_gpus``: transformers under torch.distributed with a sharded model.
+    checkpoint's path. ``chat``: the run's ``chat.ChatFormat`` (or a tokenizer).
+    ``max_new_tokens``: one budget, or one per prompt. ``batch_size``: sequences per transformers
+    batch. ``gpu_memory_utilization`` and ``max_model_len`` (None: vLLM's default, the model's own
+    maximum) are vLLM's: its share of the GPU's total memory and its context limit.
+    ``per_request_seed``: vLLM only. ``synced_gpus``: transformers under torch.distributed with a
+    sharded model. ``device``: where a path is loaded (transformers) or the engine runs (vLLM).
     """
-    _check_arguments(num_responses, max_new_tokens, temperature, top_p, batch_size, gpu_memory_utilization,
-                     max_model_len)
+    chat = as_chat_format(chat)
+    budgets = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+    if len(budgets) != len(prompts):
+        raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
+    _check_arguments(num_responses, budgets, temperature, top_p, batch_size, gpu_memory_utilization, max_model_len)
     has_path = isinstance(model_or_path, (str, os.PathLike))
     chosen = _resolve_backend(backend, has_path)
-    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
-    stops = stop_token_ids(tokenizer)
+    ids = [chat.prompt_ids(prompt) for prompt in prompts]
+    stops = chat.stop_ids
     _check_same_prompts_on_every_rank(ids)
     if not ids:
         return []
     if chosen == "vllm":
-        sampled = _generate_vllm(str(model_or_path), ids, stops, num_responses=num_responses,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        sampled = _generate_vllm(str(model_or_path), ids, stops, num_responses=num_responses, budgets=budgets,
+                                 temperature=temperature, top_p=top_p, seed=seed, device=device,
                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                 per_request_seed=per_request_seed, desc=desc)
+                                 per_request_seed=per_request_seed, trust_remote_code=trust_remote_code, desc=desc)
     else:
-        with _loaded(model_or_path, has_path, device) as model:
-            sampled = _generate_hf(model, ids, stops, pad_token_id=_pad_id(tokenizer, stops),
-                                   num_responses=num_responses, max_new_tokens=max_new_tokens,
+        with _loaded(model_or_path, has_path, device, trust_remote_code) as model:
+            sampled = _generate_hf(model, ids, stops, pad_token_id=_pad_id(chat.tokenizer, stops),
+                                   num_responses=num_responses, budgets=budgets,
                                    temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                                    synced_gpus=synced_gpus, desc=desc)
-    return [[_as_generation(tokenizer, token_ids, stops, stopped) for token_ids, stopped in responses]
+    return [[_as_generation(chat.tokenizer, token_ids, stops, stopped) for token_ids, stopped in responses]
             for responses in sampled]
 
 
@@ -269,7 +285,7 @@ def _check_same_prompts_on_every_rank(ids: list[list[int]]) -> None:
 
 
 @contextlib.contextmanager
-def _loaded(model_or_path, has_path: bool, device: str):
+def _loaded(model_or_path, has_path: bool, device: str, trust_remote_code: bool = False):
     """The model to generate with: the given one, or the checkpoint loaded (and freed afterwards)."""
     if not has_path:
         yield model_or_path
@@ -278,7 +294,8 @@ def _loaded(model_or_path, has_path: bool, device: str):
 
     on_cuda = str(device).startswith("cuda")
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_or_path), dtype=torch.bfloat16 if on_cuda else torch.float32).to(device)
+        str(model_or_path), dtype=torch.bfloat16 if on_cuda else torch.float32,
+        trust_remote_code=trust_remote_code).to(device)
     try:
         yield model
     finally:
@@ -361,9 +378,10 @@ def _generation_config(max_new_tokens, temperature, top_p, stops, pad_token_id):
     )
 
 
-def _run_batch(model, generation_config, rows: list[list[int]], pad_token_id: int, stops: set[int], seed: int,
-               synced: bool) -> list[tuple[list[int], bool]]:
-    """One batch, sampled from its own seed: (new token ids up to and including the stop, stopped)."""
+def _run_batch(model, generation_config, rows: list[list[int]], budgets: list[int], pad_token_id: int,
+               stops: set[int], seed: int, synced: bool) -> list[tuple[list[int], bool]]:
+    """One batch, sampled from its own seed up to its largest budget: (new token ids up to and
+    including the stop, stopped), each row cut at its own budget."""
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
     input_ids, attention_mask = _left_padded(rows, pad_token_id, device)
@@ -372,20 +390,22 @@ def _run_batch(model, generation_config, rows: list[list[int]], pad_token_id: in
         if on_cuda:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(budgets),
                                 generation_config=generation_config, synced_gpus=synced)
-    return [_until_stop(row, stops) for row in output[:, input_ids.shape[1]:].tolist()]
+    return [_until_stop(row[:budget], stops) for row, budget in zip(output[:, input_ids.shape[1]:].tolist(), budgets)]
 
 
-def _run_plan(model, plan, order: list[int | None], prompt_token_ids, *, pad_token_id, stops, generation_config,
-              seed, synced, on_batch=None) -> dict[int, list[tuple[list[int], bool]]]:
+def _run_plan(model, plan, order: list[int | None], prompt_token_ids, budgets, *, pad_token_id, stops,
+              generation_config, seed, synced, on_batch=None) -> dict[int, list[tuple[list[int], bool]]]:
     """Run the batches ``order`` names (None: a dummy batch, results dropped); results by batch index."""
     results: dict[int, list[tuple[list[int], bool]]] = {}
     stop_set = set(stops)
     for index in order:
         run_index = len(plan) - 1 if index is None else index  # the dummy is the smallest batch
         rows = [prompt_token_ids[p] for p, _ in plan[run_index]]
-        out = _run_batch(model, generation_config, rows, pad_token_id, stop_set, batch_seed(seed, run_index), synced)
+        row_budgets = [budgets[p] for p, _ in plan[run_index]]
+        out = _run_batch(model, generation_config, rows, row_budgets, pad_token_id, stop_set,
+                         batch_seed(seed, run_index), synced)
         if index is not None:
             results[index] = out
             if on_batch is not None:
@@ -393,7 +413,7 @@ def _run_plan(model, plan, order: list[int | None], prompt_token_ids, *, pad_tok
     return results
 
 
-def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses, max_new_tokens, temperature, top_p,
+def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses, budgets, temperature, top_p,
                  seed, batch_size, synced_gpus, desc) -> list[list[tuple[list[int], bool]]]:
     plan = plan_batches([len(ids) for ids in prompt_token_ids], num_responses, batch_size)
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -401,7 +421,7 @@ def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses,
     synced = world > 1 and (synced_gpus or _is_sharded(model))
     if synced:  # the same number of generate calls on every rank: pad with dummies
         mine += [None] * (math.ceil(len(plan) / world) - len(mine))
-    generation_config = _generation_config(max_new_tokens, temperature, top_p, stops, pad_token_id)
+    generation_config = _generation_config(max(budgets), temperature, top_p, stops, pad_token_id)
 
     # Progress: only rank 0 reports; while it runs its j-th batch the others run theirs, so
     # batches 0 .. index + world - 1 are (about) done when its batch `index` is.
@@ -415,7 +435,7 @@ def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses,
         model.eval()
         try:
             with torch.no_grad(), _only_these_generation_settings(model, generation_config):
-                local = _run_plan(model, plan, mine, prompt_token_ids, pad_token_id=pad_token_id, stops=stops,
+                local = _run_plan(model, plan, mine, prompt_token_ids, budgets, pad_token_id=pad_token_id, stops=stops,
                                   generation_config=generation_config, seed=seed, synced=synced, on_batch=on_batch)
         finally:
             model.train(was_training)
@@ -435,14 +455,20 @@ def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses,
 
 
 @contextlib.contextmanager
-def _engine_on_this_ranks_gpu():
-    """Under torchrun, let the engine process (started while this is active) see only this
-    rank's GPU; vLLM puts a one-GPU engine on the first visible device."""
-    if not (distributed.is_distributed() and torch.cuda.is_available()):
+def _engine_on(device):
+    """Let the engine process (started while this is active) see only the GPU of ``device``
+    (``cuda:N``: the one the user named, or this rank's under torchrun); vLLM puts a one-GPU
+    engine on the first visible device. A device without an index changes nothing."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        yield
+        return
+    index = device.index if device.index is not None else (torch.cuda.current_device()
+                                                           if distributed.is_distributed() else None)
+    if index is None:
         yield
         return
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    index = torch.cuda.current_device()
     visible = [v.strip() for v in saved.split(",")] if saved else [str(i) for i in range(torch.cuda.device_count())]
     os.environ["CUDA_VISIBLE_DEVICES"] = visible[index]
     try:
@@ -454,43 +480,52 @@ def _engine_on_this_ranks_gpu():
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
-def _generate_vllm(path, prompt_token_ids, stops, *, num_responses, max_new_tokens, temperature, top_p, seed,
-                   gpu_memory_utilization, max_model_len, per_request_seed, desc) -> list[list[tuple[list[int], bool]]]:
+def _generate_vllm(path, prompt_token_ids, stops, *, num_responses, budgets, temperature, top_p, seed, device,
+                   gpu_memory_utilization, max_model_len, per_request_seed, trust_remote_code,
+                   desc) -> list[list[tuple[list[int], bool]]]:
     share = distributed.shard_range(len(prompt_token_ids))
     local: list[list[tuple[list[int], bool]]] = []
     with Progress(len(prompt_token_ids), desc, unit="prompts") as progress:
         if len(share):
             local = _vllm_engine_run(path, [prompt_token_ids[i] for i in share], list(share), stops,
-                                     num_responses=num_responses, max_new_tokens=max_new_tokens,
+                                     num_responses=num_responses, budgets=[budgets[i] for i in share],
                                      temperature=temperature, top_p=top_p, seed=seed + distributed.get_rank(),
-                                     request_seed=seed if per_request_seed else None,
-                                     gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+                                     request_seed=seed if per_request_seed else None, device=device,
+                                     gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                     trust_remote_code=trust_remote_code)
         gathered = distributed.all_gather_objects(local)
         progress.update(len(prompt_token_ids))
     return gathered
 
 
-def _vllm_engine_run(path, prompt_token_ids, prompt_indices, stops, *, num_responses, max_new_tokens, temperature,
-                     top_p, seed, request_seed, gpu_memory_utilization, max_model_len):
+def _vllm_engine_run(path, prompt_token_ids, prompt_indices, stops, *, num_responses, budgets, temperature,
+                     top_p, seed, request_seed, device, gpu_memory_utilization, max_model_len, trust_remote_code):
     from vllm import LLM, SamplingParams
 
     # vLLM sets up torch.distributed for its workers; it is ours to tear down only if it
     # was not there before (under torchrun the trainer owns the process group).
     distributed_was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    with _engine_on_this_ranks_gpu():
-        llm = LLM(model=path, tokenizer=path, seed=seed, dtype="bfloat16",
+    with _engine_on(device):
+        llm = LLM(model=path, tokenizer=path, seed=seed, dtype="bfloat16", trust_remote_code=trust_remote_code,
                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     try:
-        def params(index: int):
+        def params(position: int):
             # vLLM seeds response j of a request seed + j: prompt i's are seed + i * K + j, all distinct.
+            index = prompt_indices[position]
             extra = {} if request_seed is None else {"seed": request_seed + index * num_responses}
-            return SamplingParams(n=num_responses, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+            return SamplingParams(n=num_responses, temperature=temperature, top_p=top_p, max_tokens=budgets[position],
                                   stop_token_ids=list(stops), skip_special_tokens=True, **extra)
 
-        if request_seed is None:
-            sampling = params(0)  # one object for all: nothing differs between requests
-        else:
-            sampling = [params(index) for index in prompt_indices]
+        # One object per distinct budget (and per request only with per-request seeds).
+        made: dict[tuple, object] = {}
+        sampling = []
+        for position, budget in enumerate(budgets):
+            key = (budget, position if request_seed is not None else None)
+            if key not in made:
+                made[key] = params(position)
+            sampling.append(made[key])
+        if len(made) == 1:
+            sampling = sampling[0]  # one object for all: nothing differs between requests
         show_bar = distributed.is_main_process() and sys.stderr.isatty()
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling, use_tqdm=show_bar)
         stop_set = set(stops)

@@ -82,6 +82,20 @@ def load_tokenizer(model: Optional[str], trust_remote_code: bool = False):
     return tokenizer
 
 
+def generation_eos_ids(model: Optional[str]) -> list[int]:
+    """The eos ids of the model's `generation_config` (often a list: Qwen2.5-Instruct's two,
+    Llama 3.1's three), which vLLM stops on by itself; [] when it has none (the embedded model)."""
+    if model is None:
+        return []
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: nothing beyond the tokenizer's eos
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(i) for i in (eos or [])]
+
+
 def load_policy(path, *, device: torch.device, parallel: str = "auto", trust_remote_code: bool = False):
     """A causal LM in fp32 from `path`, on `device`, wrapped by `distributed.prepare_model`."""
     from transformers import AutoModelForCausalLM

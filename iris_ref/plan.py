@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from iris_ref import distributed
+from iris_ref import chat as chat_lib
+from iris_ref import distributed, trainer
+from iris_ref.data import response_budget
 
 GB = 1e9
 
@@ -35,11 +37,12 @@ def count_parameters(config) -> int:
 
 
 def disk_estimate(config, parameters: int, prompts: int, mean_tokens: float) -> dict[str, float]:
-    """Bytes the run keeps on disk at its peak (see the module docstring)."""
+    """Bytes the run keeps on disk at its peak (see the module docstring); `mean_tokens`: a
+    synthetic row's prompt plus its response budget (both are stored as ids, the response as text too)."""
     models = config.iters + (1 if (config.sft_epochs > 0 or config.embedded) else 0)
     optimizer_tensors = 1 if config.optimizer == "rmsprop" else 2
     state = parameters * 4 * (1 + optimizer_tensors)
-    synthetic = config.iters * prompts * config.num_synthetic * (config.max_new_tokens * 8 + 64)  # text + ids, roughly
+    synthetic = config.iters * prompts * config.num_synthetic * (mean_tokens * 8 + 64)  # text + ids, roughly
     return {"checkpoints": models * parameters * 4.0, "trainer_state": 2.0 * state, "synthetic": float(synthetic),
             "opponent_logps": config.iters * prompts * (1 + config.num_synthetic) * 12.0}
 
@@ -67,7 +70,8 @@ def print_plan(run, verdict: str) -> None:
     prompt_tokens = sum(s.prompt_length for s in run.encoded) / prompts
     # Synthetic responses are not known yet: assume they are as long as the annotated ones.
     per_step = config.global_batch_size * (annotated + config.num_synthetic * annotated)
-    disk = disk_estimate(config, parameters, prompts, annotated)
+    budget = sum(response_budget(s.prompt_length, config.max_length, config.max_new_tokens) for s in run.encoded) / prompts
+    disk = disk_estimate(config, parameters, prompts, prompt_tokens + budget)
     free = shutil.disk_usage(_existing_parent(Path(config.output_dir))).free
     what = {"fresh": "a new run", "resume": "resume the run there", "overwrite": "delete the run there and start afresh"}
     lines = [
@@ -87,10 +91,31 @@ def print_plan(run, verdict: str) -> None:
         f"{free / GB:.0f} GB free there",
     ]
     if distributed.is_main_process():
+    lines += chat_lines(run.chat, run.encoded[0])
         print("\n".join(lines), flush=True)
 
 
 def _existing_parent(path: Path) -> Path:
+def chat_lines(chat, first) -> list[str]:
+    """What is trained on, token by token, so that a template problem shows before a GPU hour is
+    spent: the first annotated example, its prompt/response boundary, BOS, end of turn, stops."""
+    tokenizer = chat.tokenizer
+    names = tokenizer.convert_ids_to_tokens
+
+    def ids_shown(ids) -> str:
+        return ", ".join(f"{name!r} ({i})" for name, i in zip(names(list(ids)), ids)) or "none"
+
+    date = chat.date + (" (the template prints it: frozen for the run)" if chat.depends_on_date else
+                        " (the template does not use it)")
+    return ["  first example  the tokens trained on; | is the prompt/response boundary, [BOS] and [STOP] are marked",
+            *(f"                 {line}" for line in chat_lib.show_sequence(chat, first.input_ids, first.prompt_length)),
+            f"  BOS            " + (f"{ids_shown(chat.leading_ids)}, once (the tokenizer's policy)" if chat.leading_ids
+                                     else "none (the tokenizer adds none)"),
+            f"  end of turn    {chat.end_of_turn_text!r}; after it, not trained: {chat.after_turn_text!r}",
+            f"  stop tokens    {ids_shown(chat.stop_ids)} (both generators)",
+            f"  template       date {date}; options {chat.template_kwargs or 'none'}"]
+
+
     path = path.resolve()
     while not path.exists():
         path = path.parent

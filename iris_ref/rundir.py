@@ -3,6 +3,8 @@
     <output-dir>/
         .iris-run                 marker, written FIRST: this folder was created by iris-ref
         config.json               resolved config + software versions
+        data.json                 hashes of the token ids trained on (prompts, annotated sequences):
+                                  a resume must find the same
         iter_0/                   the starting model θ_0 (SFT warm-up result, or source.json
                                   naming the given model), eval.json, COMPLETE
         iter_<t>/ (t = 1..T)      synthetic.jsonl, opponent_logps.pt, trainer_state/,
@@ -28,7 +30,7 @@ from typing import Any, Optional
 from iris_ref import distributed, files
 
 MARKER = ".iris-run"
-_OWN_NAMES = {MARKER, "config.json", "summary.json", "report.png", "tensorboard"}
+_OWN_NAMES = {MARKER, "config.json", "data.json", "summary.json", "report.png", "tensorboard"}
 _OWN_PATTERN = re.compile(r"^(iter_\d+|\..*\.tmp(-\w+)?|.*\.tmp)$")
 
 
@@ -88,9 +90,24 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
     return "overwrite"
 
 
-def prepare(run_dir: Path, verdict: str, config_text: str) -> None:
+def check_same_data(run_dir: Path, digest: dict) -> None:
+    """`RunDirError` when the run in `run_dir` was started on other token ids than `digest` describes
+    (a dataset file edited in place, another tokenizer or chat template): its saved artefacts
+    would be paired with other sequences."""
+    saved_path = Path(run_dir) / "data.json"
+    if not saved_path.is_file():
+        return  # a run from before data.json: its artefacts check their own hashes
+    saved = files.read_json(saved_path)
+    changed = [key.replace("_sha256", "") for key in sorted(digest) if saved.get(key) != digest[key]]
+    if changed:
+        raise RunDirError(f"--resume: the data of the run in {run_dir} changed since it started ({', '.join(changed)} "
+                          "differ: the dataset file was edited, or the tokenizer or chat template changed); "
+                          "nothing was touched: restore them, or start a new run in another --output-dir")
+
+
+def prepare(run_dir: Path, verdict: str, config_text: str, data_digest: Optional[dict] = None) -> None:
     """Carry out `check_output_dir`'s verdict: delete our own entries for "overwrite", write the
-    marker first, then config.json (rank 0; every rank waits)."""
+    marker first, then config.json and data.json (rank 0; every rank waits)."""
     run_dir = Path(run_dir)
     if distributed.is_main_process():
         if verdict == "overwrite":
@@ -103,6 +120,8 @@ def prepare(run_dir: Path, verdict: str, config_text: str) -> None:
         files.write_json(run_dir / MARKER, {"created_by": "iris-ref", "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     # Rewritten on resume as well: a run extended with --iters keeps its new length.
     files.write_text(run_dir / "config.json", config_text)
+    if data_digest is not None and not (run_dir / "data.json").is_file():
+        files.write_json(run_dir / "data.json", data_digest)
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from iris_ref import chat as chat_lib
 from iris_ref import data as data_lib
 from iris_ref import distributed, files, models, rundir, train_state, trainer
-from iris_ref.config import IrisConfig
+from iris_ref.config import IrisConfig, parse_template_kwargs
 from iris_ref.metrics import MetricsLog
 from iris_ref.objectives import get_objective
 from iris_ref.schedule import AlphaSchedule, per_token_scores
@@ -61,12 +62,16 @@ class Run:
     config: IrisConfig
     dir: Path
     device: torch.device
-    tokenizer: object
+    chat: object            # chat.ChatFormat: the one rule for prompt ids, annotated sequences and stops
     examples: list          # data.Example per prompt
     encoded: list           # data.EncodedSequence of each annotated response
     heldout: list           # data.Example of the held-out data (may be empty)
     schedule: AlphaSchedule
     validation: list        # data.Example held out of training for the warm-up's early stopping (may be empty)
+
+    @property
+    def tokenizer(self):
+        return self.chat.tokenizer
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,17 +105,17 @@ def self_play_iteration(run: Run, t: int) -> None:
     # 1. synthetic responses from the opponent, saved TRL-style (prompt / chosen / rejected)
     rows = files.reuse_or_make(
         it.path / "synthetic.jsonl", lambda: generate_synthetic(run, opponent, seed=config.seed * 1000 + t),
-        save=files.write_jsonl, load=files.read_jsonl, valid=functools.partial(_same_prompts, run), log=log)
-    data, skipped = encode_synthetic(run, rows)
+        save=files.write_jsonl, load=files.read_jsonl, mismatch=functools.partial(_other_prompts, run), log=log)
+    data, skipped, cut = encode_synthetic(run, rows)
     generation_seconds = time.time() - started
 
     # 2. the opponent's log-probs of both response sets, once; the policy starts as the opponent
     policy = load_policy(run, opponent)
-    opponent_sha = models.weights_sha256(policy)
+    opponent_sha, data_sha = models.weights_sha256(policy), data_lib.sequences_sha256([*data.real, *data.synthetic])
     logps = files.reuse_or_make(
-        it.path / "opponent_logps.pt", lambda: opponent_logprobs(run, policy, data, opponent_sha),
+        it.path / "opponent_logps.pt", lambda: opponent_logprobs(run, policy, data, opponent_sha, data_sha),
         save=files.save_tensors, load=files.load_tensors,
-        valid=lambda saved: saved["opponent_sha256"] == opponent_sha and saved["real"].numel() == len(data.real), log=log)
+        mismatch=lambda saved: _other_source(saved, opponent_sha=opponent_sha, sequences_sha256=data_sha), log=log)
     data = replace(data, opponent_real=logps["real"], opponent_synthetic=logps["synthetic"])
 
     # 3. α_t from the gap between the opponent's scores of annotated and synthetic responses
@@ -122,7 +127,8 @@ def self_play_iteration(run: Run, t: int) -> None:
 
     # 4. train θ_t from θ_{t-1}
     objective = make_objective(config, alpha)
-    fingerprint = {"loss": config.loss, "alpha": alpha if config.loss == "iris" else None, "beta": config.beta}
+    fingerprint = {"loss": config.loss, "alpha": alpha if config.loss == "iris" else None, "beta": config.beta,
+                   "data_sha256": data_sha}
     result = trainer.train(policy, data, objective, config, pad_token_id=run.tokenizer.pad_token_id,
                            epochs=config.epochs, learning_rate=config.learning_rate, state_dir=it.trainer_state,
                            log=metrics_log(run, it), desc=f"iteration {t} training", fingerprint=fingerprint)
@@ -131,7 +137,7 @@ def self_play_iteration(run: Run, t: int) -> None:
     save_policy(run, policy, data, it.checkpoint, phase=f"iteration {t}")
     files.write_json(it.path / "train_summary.json", {
         **result, "iteration": t, "alpha": alpha if config.loss == "iris" else None, "gap": gaps[-1], "gaps": gaps,
-        "gap_warning": warning, "opponent_sha256": opponent_sha, "skipped_prompts": skipped,
+        "gap_warning": warning, "opponent_sha256": opponent_sha, "skipped_prompts": skipped, "cut": cut,
         "generation_seconds": generation_seconds, "train_seconds": time.time() - started - generation_seconds})
     files.write_json(it.path / "eval.json", evaluate(run, policy))
     it.mark_complete()
@@ -165,12 +171,13 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
     policy = models.new_tiny_policy(run.tokenizer, seed=config.seed, device=run.device, parallel=config.parallel) \
         if config.embedded else load_policy(run, config.model)
     data = trainer.TrainingData(real=run.encoded)
+    sft_fingerprint = {"loss": "sft", "data_sha256": data_lib.sequences_sha256(run.encoded)}
     log(f"SFT warm-up: up to {config.sft_epochs} epochs on {len(run.encoded)} annotated responses")
     if config.sft_patience is None:
         result = trainer.train(policy, data, None, config, pad_token_id=run.tokenizer.pad_token_id,
                                epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
                                state_dir=it.trainer_state, log=metrics_log(run, it), desc="SFT warm-up",
-                               fingerprint={"loss": "sft"})
+                               fingerprint=sft_fingerprint)
         save_policy(run, policy, data, it.checkpoint, phase="SFT warm-up")
         files.write_json(it.path / "train_summary.json", result)
         return policy
@@ -183,7 +190,7 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
         result = trainer.train(policy, data, None, config, pad_token_id=run.tokenizer.pad_token_id,
                                epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
                                state_dir=it.trainer_state, log=metrics_log(run, it), max_steps=epoch * steps_per_epoch,
-                               desc=f"SFT warm-up, epoch {epoch}", fingerprint={"loss": "sft"})
+                               desc=f"SFT warm-up, epoch {epoch}", fingerprint=sft_fingerprint)
         nll = heldout_nll(run, policy, run.validation or run.heldout)
         history.append({"epoch": epoch, "heldout_nll": nll, "train_loss": result.get("loss")})
         if best is None or nll < best["heldout_nll"]:
@@ -203,34 +210,46 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
 # the steps
 # ----------------------------------------------------------------------------------------
 def generate_synthetic(run: Run, opponent, *, seed: int) -> list[dict]:
-    """K responses per prompt from the opponent's checkpoint, one TRL-style row each (prompt-major)."""
+    """K responses per prompt from the opponent's checkpoint, one TRL-style row each (prompt-major),
+    with the prompt's token ids as fed to the model and the sampled ids exactly as sampled."""
     from iris_ref import generation
 
     config = run.config
     models.free_memory()  # no model is alive here: the previous policy went with its iteration
+    prompts = [ex.prompt_messages for ex in run.examples]
     outputs = generation.generate(
-        str(opponent), run.tokenizer, [ex.prompt_messages for ex in run.examples], num_responses=config.num_synthetic,
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=seed,
-        batch_size=config.generation_batch_size, backend=config.generator, device=str(run.device),
-        gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_length,
-        desc="generation")
+        str(opponent), run.chat, prompts, num_responses=config.num_synthetic, max_new_tokens=budgets(run, prompts),
+        temperature=config.temperature, top_p=config.top_p, seed=seed, batch_size=config.generation_batch_size,
+        backend=config.generator, device=str(run.device), gpu_memory_utilization=config.gpu_memory_utilization,
+        max_model_len=config.max_length, trust_remote_code=config.trust_remote_code, desc="generation")
     return [{"prompt": ex.prompt_messages,
              "chosen": [{"role": "assistant", "content": ex.response}],
              "rejected": [{"role": "assistant", "content": out.text}],
+             "prompt_token_ids": run.chat.prompt_ids(ex.prompt_messages),
              "rejected_token_ids": list(out.token_ids),   # exactly what the opponent sampled
-             "rejected_finished": out.finished,           # False: cut at max_new_tokens
+             "rejected_finished": out.finished,           # False: cut at the prompt's budget
+             "chosen_cut": seq.cut,                       # the annotated response was cut at the same budget
              "sample_index": k}
-            for ex, responses in zip(run.examples, outputs) for k, out in enumerate(responses)]
+            for ex, seq, responses in zip(run.examples, run.encoded, outputs) for k, out in enumerate(responses)]
 
 
-def encode_synthetic(run: Run, rows: list[dict]) -> tuple[trainer.TrainingData, int]:
+def budgets(run: Run, prompts: list) -> list[int]:
+    """Each prompt's response budget, the one its annotated response was cut to (data.response_budget)."""
+    config = run.config
+    return [data_lib.response_budget(len(run.chat.prompt_ids(p)), config.max_length, config.max_new_tokens)
+            for p in prompts]
+
+
+def encode_synthetic(run: Run, rows: list[dict]) -> tuple[trainer.TrainingData, int, dict]:
     """Training sequences: each prompt's annotated response and its K sampled ones, token for
-    token. A prompt with an empty sampled response is left out of this iteration (counted)."""
+    token. A prompt with an empty sampled response is left out of this iteration (counted).
+    Also returns how many responses of each set were cut at their budget."""
     config, K = run.config, run.config.num_synthetic
     real, synthetic, skipped = [], [], 0
     for i, seq in enumerate(run.encoded):
-        sampled = [data_lib.encode_generated(run.tokenizer, row["prompt"], row["rejected_token_ids"], config.max_length,
-                                             config.max_prompt_length) for row in rows[i * K:(i + 1) * K]]
+        sampled = [data_lib.encode_generated(run.chat, row["prompt"], row["rejected_token_ids"], config.max_length,
+                                             config.max_prompt_length, config.max_new_tokens)
+                   for row in rows[i * K:(i + 1) * K]]
         if any(s is None or len(s.input_ids) <= s.prompt_length for s in sampled):
             skipped += 1
             continue
@@ -241,16 +260,21 @@ def encode_synthetic(run: Run, rows: list[dict]) -> tuple[trainer.TrainingData, 
     if len(real) < config.global_batch_size:
         raise InputError(f"only {len(real)} prompts have usable synthetic responses, fewer than --global-batch-size "
                          f"{config.global_batch_size}")
-    return trainer.TrainingData(real=real, synthetic=synthetic), skipped
+    cut = {"real": sum(s.cut for s in real),
+           "synthetic": sum(not row["rejected_finished"] for row in rows)}
+    log(f"responses cut at their budget (max length - prompt length): {cut['real']} of {len(real)} annotated, "
+        f"{cut['synthetic']} of {len(rows)} synthetic")
+    return trainer.TrainingData(real=real, synthetic=synthetic), skipped, cut
 
 
-def opponent_logprobs(run: Run, policy, data: trainer.TrainingData, opponent_sha: str) -> dict:
-    """The opponent's log-probs of the annotated and the synthetic responses, with its weights' hash."""
+def opponent_logprobs(run: Run, policy, data: trainer.TrainingData, opponent_sha: str, data_sha: str) -> dict:
+    """The opponent's log-probs of the annotated and the synthetic responses, with the hashes of
+    its weights and of the token sequences scored."""
     config = run.config
     budget = config.micro_batch_size * (1 + config.num_synthetic) * config.max_length * 2  # no activations kept
     scores = _score(run, policy, list(data.real) + list(data.synthetic), budget, desc="opponent log-probs")
     n = len(data.real)
-    return {"opponent_sha256": opponent_sha, "real": scores[:n], "synthetic": scores[n:],
+    return {"opponent_sha256": opponent_sha, "sequences_sha256": data_sha, "real": scores[:n], "synthetic": scores[n:],
             "real_lengths": torch.tensor([len(s.input_ids) - s.prompt_length for s in data.real]),
             "synthetic_lengths": torch.tensor([len(s.input_ids) - s.prompt_length for s in data.synthetic])}
 
@@ -294,13 +318,13 @@ def save_policy(run: Run, policy, data: trainer.TrainingData, path: Path, *, pha
 def evaluate(run: Run, policy) -> dict:
     from iris_ref import evaluation
 
-    return evaluation.evaluate(policy, run.tokenizer, run.heldout, run.config) if run.heldout else {}
+    return evaluation.evaluate(policy, run.chat, run.heldout, run.config) if run.heldout else {}
 
 
 def heldout_nll(run: Run, policy, examples) -> float:
     from iris_ref import evaluation
 
-    return evaluation.heldout_nll(policy, run.tokenizer, examples, run.config)
+    return evaluation.heldout_nll(policy, run.chat, examples, run.config)
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,7 +344,11 @@ def setup(config: IrisConfig) -> Optional[Run]:
         if not config.embedded:
             models.check_model_source(config.model, config.trust_remote_code)
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
-        examples, encoded, heldout, validation = load_data(config, tokenizer)
+        chat = chat_lib.ChatFormat(tokenizer, template_kwargs=parse_template_kwargs(config.chat_template_kwargs),
+                                   date=config.template_date, generation_eos_ids=models.generation_eos_ids(config.model))
+        examples, encoded, heldout, validation = load_data(config, chat)
+        if verdict == "resume":
+            rundir.check_same_data(Path(config.output_dir), data_digest(examples, encoded))
     except (rundir.RunDirError, models.ModelError, ValueError, OSError) as exc:
         raise InputError(_one_line(exc)) from None
     if not config.embedded and config.sft_epochs == 0 and models.looks_like_base_model(config.model):
@@ -328,7 +356,7 @@ def setup(config: IrisConfig) -> Optional[Run]:
             "(SPIN: zephyr-7b-sft-full). Add --sft-epochs 1 (or --config qwen2.5-3b) for an SFT warm-up first")
     schedule = AlphaSchedule(kind=config.alpha_schedule, alpha=config.alpha, alpha_min=config.alpha_min,
                              alpha_max=config.alpha_max, num_iterations=config.iters, gap=config.gap)
-    session = Run(config, Path(config.output_dir), device, tokenizer, examples, encoded, heldout, schedule, validation)
+    session = Run(config, Path(config.output_dir), device, chat, examples, encoded, heldout, schedule, validation)
     if config.dry_run:
         from iris_ref import plan
 
@@ -336,12 +364,19 @@ def setup(config: IrisConfig) -> Optional[Run]:
         return None
     from iris_ref.config import saved_payload
 
-    rundir.prepare(session.dir, verdict, saved_payload(config))
+    rundir.prepare(session.dir, verdict, saved_payload(config), data_digest(examples, encoded))
     _set_seed(config.seed)
     return session
 
 
-def load_data(config: IrisConfig, tokenizer):
+def data_digest(examples, encoded) -> dict:
+    """What the run trains on, as hashes of its token ids: a resume must find the same."""
+    prompts = [data_lib.EncodedSequence(s.input_ids[:s.prompt_length], s.prompt_length) for s in encoded]
+    return {"prompts": len(encoded), "prompt_ids_sha256": data_lib.sequences_sha256(prompts),
+            "annotated_ids_sha256": data_lib.sequences_sha256(encoded)}
+
+
+def load_data(config: IrisConfig, chat):
     """Training examples (a fixed seeded subset) with their encodings, the held-out examples, and
     the rows held out of training for the warm-up's early stopping (`--sft-validation-size`).
     `ValueError` (one line) when too little is left for one optimizer step."""
@@ -350,15 +385,15 @@ def load_data(config: IrisConfig, tokenizer):
     source = config.dataset or str(tiny.TOY_TRAIN_PATH)
     examples, skips = data_lib.load_examples(source, split=config.split or "train", num_samples=config.num_samples,
                                              seed=config.seed, first_turn=config.first_turn)
-    kept, encoded = [], []
-    for example in examples:
-        seq = data_lib.encode_pair(tokenizer, example.prompt_messages, example.response, config.max_length,
-                                   config.max_prompt_length)
-        if seq is None:
-            skips.too_long += 1
-        else:
-            kept.append(example)
-            encoded.append(seq)
+    kept, encoded, skips = data_lib.encode_examples(chat, examples, config.max_length, config.max_prompt_length,
+                                                    config.max_new_tokens, skips)
+    if skips.prefix_mismatch:
+        log(f"data: {skips.prefix_mismatch} rows skipped: their tokenized prompt is not the start of the tokenized "
+            f"conversation, so no sequence is both what the model is prompted with and what it would learn; first: "
+            f"{skips.first['prefix_mismatch']}")
+    if skips.template_error:
+        log(f"data: {skips.template_error} rows skipped: the chat template refused them; first: "
+            f"{skips.first['template_error']}")
     validation = []
     if config.sft_validation_size and len(kept) >= config.global_batch_size:
         if config.sft_validation_size >= len(kept):
@@ -404,12 +439,30 @@ def previous_gaps(run: Run, t: int) -> list[float]:
     return [rundir.IterationDir(run.dir / f"iter_{s}", s).read("train_summary.json")["gap"] for s in range(1, t)]
 
 
-def _same_prompts(run: Run, rows: list[dict]) -> bool:
-    """A reused synthetic.jsonl must hold K rows per prompt, for these prompts, in order."""
+def _other_prompts(run: Run, rows: list[dict]) -> Optional[str]:
+    """Why a saved synthetic.jsonl cannot be reused (None: it can): it must hold K rows per
+    prompt, for these prompts, in order, sampled after exactly the prompt ids this run feeds
+    the model (a changed template, template option or dataset file gives other ids)."""
     K = run.config.num_synthetic
-    return len(rows) == K * len(run.examples) and all(
-        row["prompt"] == run.examples[i // K].prompt_messages and row.get("sample_index", 0) == i % K
-        and "rejected_token_ids" in row for i, row in enumerate(rows))
+    if len(rows) != K * len(run.examples):
+        return f"{len(rows)} rows, not {K} for each of {len(run.examples)} prompts"
+    for i, row in enumerate(rows):
+        example = run.examples[i // K]
+        if row.get("prompt") != example.prompt_messages or row.get("sample_index", 0) != i % K:
+            return f"other prompts (row {i})"
+        if "rejected_token_ids" not in row:
+            return f"rows without sampled token ids (row {i})"
+        if row.get("prompt_token_ids") != run.chat.prompt_ids(example.prompt_messages):
+            return f"other prompt token ids (row {i}: another chat template, template option or date)"
+    return None
+
+
+def _other_source(saved: dict, **expected: str) -> Optional[str]:
+    """Why saved opponent log-probs do not belong to these weights and sequences (None: they do)."""
+    for key, value in expected.items():
+        if saved.get(key) != value:
+            return f"other {key.replace('_sha256', '')} (sha256 {str(saved.get(key))[:12]}, now {value[:12]})"
+    return None
 
 
 def _score(run: Run, policy, sequences, token_budget: int, desc: Optional[str] = None) -> torch.Tensor:

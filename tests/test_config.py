@@ -1,6 +1,7 @@
 """The run config: one source of truth for defaults, YAML + CLI precedence, one-line errors,
 --resume from the saved config alone, and a readable --help."""
 
+import datetime
 import dataclasses
 import json
 import os
@@ -23,7 +24,9 @@ def test_published_defaults_with_model():
     config = parse_config(["--model", "some/model"])
     assert config.beta == 0.1 and config.learning_rate == 5e-7 and config.optimizer == "rmsprop"
     assert config.warmup_ratio == 0.1 and config.global_batch_size == 64 and config.epochs == 2
-    assert config.max_length == 1024 and config.max_prompt_length == 512 and config.max_new_tokens == 512
+    assert config.max_length == 1024 and config.max_prompt_length == 512
+    assert config.max_new_tokens is None  # each prompt's budget: max length - its length (issue 19)
+    assert config.template_date == datetime.date.today().isoformat() and config.chat_template_kwargs is None
     assert config.num_samples == 50000 and config.temperature == 1.0 and config.top_p == 1.0
     assert config.alpha_schedule == "adaptive" and config.alpha_min == 0.5 and config.alpha_max == 2.0
     assert config.mu == 1.0 and config.sft_epochs == 0 and config.num_synthetic == 1
@@ -46,7 +49,6 @@ def test_embedded_defaults_come_from_the_one_yaml_file():
     embedded = yaml.safe_load(EMBEDDED_CONFIG.read_text())
     for key, value in embedded.items():
         assert getattr(config, key) == value, key
-    assert config.max_new_tokens == config.max_length - config.max_prompt_length
     assert parse_config(["--config", "tiny"]) == config  # the shipped file by name is the same run
     # With --model the embedded values do not apply.
     assert parse_config(["--model", "m"]).learning_rate == IrisConfig.learning_rate
@@ -86,7 +88,10 @@ def test_shipped_configs_parse_by_name_and_by_path(tmp_path, monkeypatch):
     (["--alpha-min", "3", "--alpha-max", "2"], "larger than --alpha-max"),
     (["--micro-batch-size", "5", "--global-batch-size", "32"], "does not divide"),
     (["--max-prompt-length", "64", "--max-length", "64"], "must be smaller than --max-length"),
-    (["--max-new-tokens", "100", "--max-length", "64", "--max-prompt-length", "32"], "exceeds"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--chat-template-kwargs", "{bad json"], "--chat-template-kwargs must be a JSON object"),
+    (["--chat-template-kwargs", "[1, 2]"], "--chat-template-kwargs must be a JSON object of options"),
+    (["--template-date", "07/12/2026"], "--template-date must be a date YYYY-MM-DD"),
     (["--bf16"], "needs CUDA"),
     (["--device", "tpu"], "--device"),
     (["--beta", "0"], "--beta must be > 0"),
@@ -227,7 +232,7 @@ def test_the_readme_table_is_the_config_itself():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert config_module.defaults_table() in readme
     derived = {f.name for f in dataclasses.fields(IrisConfig) if f.default is None and f.metadata["source"]}
-    assert derived - {"reward_bound"} <= config_module.DERIVED  # every derived default is marked as such
+    assert derived - {"reward_bound", "max_new_tokens"} <= config_module.DERIVED  # none there means none  # every derived default is marked as such
     resolved = parse_config(["--model", "m"])
     for name in config_module.DERIVED - {"model"}:
         assert getattr(resolved, name) is not None or name in ("eval_dataset", "eval_split"), name

@@ -7,16 +7,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from iris_ref.chat import ChatFormat
 from iris_ref.data import (
     EncodedSequence,
     SkipCounts,
     collate,
     encode_generated,
     encode_pair,
-    end_of_turn_ids,
     load_examples,
-    prompt_ids,
-    stop_token_ids,
+    response_budget,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,6 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
     return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer):
+    return ChatFormat(tokenizer)
+
+
+def pair(chat, prompt, response, max_length, max_prompt_length, max_new_tokens=None):
+    """encode_pair's sequence (None when skipped)."""
+    return encode_pair(chat, prompt, response, max_length, max_prompt_length, max_new_tokens)[0]
 
 
 def write_jsonl(path, rows):
@@ -167,58 +176,101 @@ def test_other_bad_arguments(tmp_path, toy_train_path):
         load_examples("no-such-org/no-such-dataset")
 
 
-# --- the one chat template --------------------------------------------------------------
+# --- the one chat template (the real tokenizer families are in test_token_exact.py) ------------
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_training_prompt_tokens_equal_generation_prompt_tokens(tokenizer, conversation):
-    encoded = encode_pair(tokenizer, conversation, "2+9", max_length=256, max_prompt_length=200)
+def test_training_prompt_tokens_equal_generation_prompt_tokens(tokenizer, chat, conversation):
+    encoded = pair(chat, conversation, "2+9", max_length=256, max_prompt_length=200)
     expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    generation_prompt = prompt_ids(tokenizer, conversation)
+    generation_prompt = chat.prompt_ids(conversation)
     assert encoded.input_ids[: encoded.prompt_length] == generation_prompt
     assert tokenizer.decode(generation_prompt) == expected
     assert generation_prompt == tokenizer(expected, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_decoded_training_sequence_is_the_templated_conversation(tokenizer, conversation):
+def test_decoded_training_sequence_is_the_templated_conversation(tokenizer, chat, conversation):
     response = "Sure: 4+7, or 5+6."
-    encoded = encode_pair(tokenizer, conversation, response, max_length=256, max_prompt_length=200)
+    encoded = pair(chat, conversation, response, max_length=256, max_prompt_length=200)
     full = tokenizer.apply_chat_template(conversation + [turn("assistant", response)], tokenize=False)
     assert full.endswith("<|im_end|>\n")
     assert tokenizer.decode(encoded.input_ids) == full[: -len("\n")]
     assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-def test_end_of_turn_is_read_off_the_template(tokenizer):
-    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]
+def test_end_of_turn_is_read_off_the_template(tokenizer, chat):
+    assert chat.end_of_turn_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert chat.stop_ids == [tokenizer.eos_token_id]
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '<|endoftext|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
+    )
+    other_chat = ChatFormat(other)
+    endoftext = other.convert_tokens_to_ids("<|endoftext|>")
+    assert other_chat.end_of_turn_ids == [endoftext]
+    assert other_chat.stop_ids == [endoftext, other.eos_token_id]
+    encoded = pair(other_chat, [turn("user", "q")], "a", max_length=64, max_prompt_length=64)
+    assert other.decode(encoded.input_ids) == "user:\nq<|endoftext|>\nassistant:\na<|endoftext|>"
+
+
+def test_a_generation_prompt_that_merges_with_the_response_is_named_and_skipped(tokenizer):
+    """A template whose generation prompt ends with a space: byte-level BPE merges it with the
+    response's first letter (`Ġ` + `a` -> `Ġa`), so the prompt's ids are not the start of the
+    conversation's. The row is never trained on; the old encoding (prompt ids + the response
+    encoded alone) would have trained on `Ġ`, `a`, a sequence the model is never shown."""
     other = copy.deepcopy(tokenizer)
     other.chat_template = (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|endoftext|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
-    endoftext = other.convert_tokens_to_ids("<|endoftext|>")
-    assert end_of_turn_ids(other) == [endoftext]
-    assert stop_token_ids(other) == [endoftext, other.eos_token_id]
-    encoded = encode_pair(other, [turn("user", "q")], "a", max_length=64, max_prompt_length=64)
-    assert other.decode(encoded.input_ids) == "user: q<|endoftext|>\nassistant: a<|endoftext|>"
-    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    other_chat = ChatFormat(other)
+    from iris_ref.data import Example, encode_examples
+
+    examples = [Example([turn("user", "q")], "a"), Example([turn("user", "r")], "b")]
+    kept, encoded, counts = encode_examples(other_chat, examples, 64, 32)
+    assert kept == [] and counts.prefix_mismatch == 2
+    assert "'Ġ'" in counts.first["prefix_mismatch"] and "'Ġa'" in counts.first["prefix_mismatch"]
+    assert "prefix_mismatch=2" in counts.describe()
 
 
-def test_too_long_prompt_is_none_and_long_response_is_truncated(tokenizer):
+def test_too_long_prompt_is_skipped_and_long_response_is_cut(tokenizer, chat):
     prompt = [turn("user", "Give two digits that add up to 11.")]
-    n = len(prompt_ids(tokenizer, prompt))
-    assert encode_pair(tokenizer, prompt, "a", max_length=100, max_prompt_length=n - 1) is None
-    assert encode_pair(tokenizer, prompt, "a", max_length=n, max_prompt_length=n) is None
-    exact = encode_pair(tokenizer, prompt, "a", max_length=n + 1, max_prompt_length=n)
-    assert exact.prompt_length == n and len(exact.input_ids) == n + 1
+    n = len(chat.prompt_ids(prompt))
+    assert encode_pair(chat, prompt, "a", max_length=100, max_prompt_length=n - 1) == (None, "too_long")
+    assert encode_pair(chat, prompt, "a", max_length=n, max_prompt_length=n) == (None, "too_long")
+    exact = pair(chat, prompt, "a", max_length=n + 1, max_prompt_length=n)
+    assert exact.prompt_length == n and len(exact.input_ids) == n + 1 and exact.cut
     long_response = "abc " * 50
-    full = encode_pair(tokenizer, prompt, long_response, max_length=1000, max_prompt_length=n)
-    cut = encode_pair(tokenizer, prompt, long_response, max_length=n + 5, max_prompt_length=n)
-    assert cut.input_ids == full.input_ids[: n + 5]
+    full = pair(chat, prompt, long_response, max_length=1000, max_prompt_length=n)
+    cut = pair(chat, prompt, long_response, max_length=n + 5, max_prompt_length=n)
+    assert cut.input_ids == full.input_ids[: n + 5] and cut.cut and not full.cut
+    capped = pair(chat, prompt, long_response, max_length=1000, max_prompt_length=n, max_new_tokens=5)
+    assert capped.input_ids == cut.input_ids and capped.cut
     with pytest.raises(ValueError, match="must be positive"):
-        encode_pair(tokenizer, prompt, "a", max_length=0, max_prompt_length=10)
+        encode_pair(chat, prompt, "a", max_length=0, max_prompt_length=10)
+
+
+def test_both_response_sets_share_each_prompts_budget(chat):
+    """Issue 19: no annotated response is longer than its prompt's synthetic budget (so length
+    alone cannot tell the sets apart), for short and long prompts alike; negative control: the
+    old global max_new_tokens (max length - max prompt length) lets annotated responses run longer."""
+    max_length, max_prompt_length = 48, 32
+    long_answer = " ".join(["4+7"] * 30)
+    for text in ("hi", "Give two digits that add up to 11.", "Name a letter between c and h, please, now."):
+        prompt = [turn("user", text)]
+        seq = pair(chat, prompt, long_answer, max_length, max_prompt_length)
+        if seq is None:
+            continue
+        budget = response_budget(seq.prompt_length, max_length)
+        assert len(seq.input_ids) - seq.prompt_length <= budget
+        sampled = encode_generated(chat, prompt, list(range(5, 5 + 200)), max_length, max_prompt_length)
+        assert len(sampled.input_ids) - sampled.prompt_length == budget  # the generator stops there too
+    short = [turn("user", "hi")]
+    n = len(chat.prompt_ids(short))
+    old_synthetic_budget = max_length - max_prompt_length
+    assert len(pair(chat, short, long_answer, max_length, max_prompt_length).input_ids) - n > old_synthetic_budget
 
 
 # --- collation ----------------------------------------------------------------------------
@@ -239,29 +291,18 @@ def test_collate_rejects_bad_input():
         collate([EncodedSequence([1, 2, 3], 3)], pad_token_id=0)
 
 
-def test_unfinished_responses_get_no_end_of_turn(tokenizer):
-    """A synthetic response cut at max_new_tokens is encoded without the end-of-turn token the
-    opponent never produced; a finished one (and every annotated one) ends with it."""
-    prompt = [{"role": "user", "content": "Name a letter between c and h."}]
-    finished = encode_pair(tokenizer, prompt, "e", 64, 32)
-    unfinished = encode_pair(tokenizer, prompt, "e", 64, 32, end_of_turn=False)
-    eot = end_of_turn_ids(tokenizer)
-    assert finished.input_ids == unfinished.input_ids + eot
-    assert finished.prompt_length == unfinished.prompt_length
-
-
 # --- sampled responses, token for token -------------------------------------------------------
 
 
-def test_generated_sequence_is_what_the_model_was_fed_and_sampled(tokenizer, tiny_checkpoint):
+def test_generated_sequence_is_what_the_model_was_fed_and_sampled(chat, tiny_checkpoint):
     """The training sequence of a sampled response is the generation input followed by the
     sampled ids, up to and including the stop token, with nothing re-tokenised or appended."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
-    stops = stop_token_ids(tokenizer)
+    stops = chat.stop_ids
     for index, conversation in enumerate(CONVERSATIONS):
-        fed = prompt_ids(tokenizer, conversation)
+        fed = chat.prompt_ids(conversation)
         stopped = index % 2 == 0  # the random model never stops by itself: force the stop on some
         torch.manual_seed(index)
         with torch.no_grad():
@@ -274,52 +315,52 @@ def test_generated_sequence_is_what_the_model_was_fed_and_sampled(tokenizer, tin
         cut = next((i + 1 for i, token in enumerate(sampled) if token in stops), len(sampled))
         sampled = sampled[:cut]  # through the stop token, as generation reports it
         assert (sampled[-1] in stops) == stopped
-        encoded = encode_generated(tokenizer, conversation, sampled, max_length=256, max_prompt_length=200)
+        encoded = encode_generated(chat, conversation, sampled, max_length=256, max_prompt_length=200)
         assert encoded.input_ids == fed + sampled
         assert encoded.prompt_length == len(fed)
 
 
-def test_generated_ids_are_not_retokenised_and_get_no_end_of_turn(tokenizer):
+def test_generated_ids_are_not_retokenised_and_get_no_end_of_turn(tokenizer, chat):
     prompt = [turn("user", "Give two digits that add up to 11.")]
-    fed = prompt_ids(tokenizer, prompt)
+    fed = chat.prompt_ids(prompt)
     # A token spelled out character by character: decoding and re-encoding would merge it.
     word = next(t for t in tokenizer.get_vocab() if len(t) >= 3 and t.isalpha() and t.isascii()
                 and all(tokenizer.convert_tokens_to_ids(c) != tokenizer.unk_token_id for c in t))
     spelled = [tokenizer.convert_tokens_to_ids(c) for c in word]
     assert tokenizer.encode(tokenizer.decode(spelled), add_special_tokens=False) != spelled
-    eot = end_of_turn_ids(tokenizer)
-    unfinished = encode_generated(tokenizer, prompt, spelled, 64, 32)
+    eot = chat.end_of_turn_ids
+    unfinished = encode_generated(chat, prompt, spelled, 64, 32)
     assert unfinished.input_ids == fed + spelled
-    finished = encode_generated(tokenizer, prompt, spelled + eot, 64, 32)
+    finished = encode_generated(chat, prompt, spelled + eot, 64, 32)
     assert finished.input_ids == fed + spelled + eot
     import numpy as np
 
-    assert encode_generated(tokenizer, prompt, np.array(spelled), 64, 32) == unfinished
-    assert encode_generated(tokenizer, prompt, torch.tensor(spelled), 64, 32) == unfinished
+    assert encode_generated(chat, prompt, np.array(spelled), 64, 32) == unfinished
+    assert encode_generated(chat, prompt, torch.tensor(spelled), 64, 32) == unfinished
 
 
-def test_generated_truncation_too_long_prompt_and_empty_response(tokenizer):
+def test_generated_truncation_too_long_prompt_and_empty_response(chat):
     prompt = [turn("user", "Give two digits that add up to 11.")]
-    n = len(prompt_ids(tokenizer, prompt))
+    n = len(chat.prompt_ids(prompt))
     response = list(range(10, 30))
-    cut = encode_generated(tokenizer, prompt, response, max_length=n + 3, max_prompt_length=n)
-    assert cut.input_ids == prompt_ids(tokenizer, prompt) + response[:3] and cut.prompt_length == n
+    cut = encode_generated(chat, prompt, response, max_length=n + 3, max_prompt_length=n)
+    assert cut.input_ids == chat.prompt_ids(prompt) + response[:3] and cut.prompt_length == n and cut.cut
     # The prompt rule of encode_pair.
-    assert encode_generated(tokenizer, prompt, response, max_length=100, max_prompt_length=n - 1) is None
-    assert encode_generated(tokenizer, prompt, response, max_length=n, max_prompt_length=n) is None
-    assert encode_pair(tokenizer, prompt, "a", max_length=n, max_prompt_length=n) is None
-    one = encode_generated(tokenizer, prompt, response[:1], max_length=n + 1, max_prompt_length=n)
-    assert len(one.input_ids) == n + 1
+    assert encode_generated(chat, prompt, response, max_length=100, max_prompt_length=n - 1) is None
+    assert encode_generated(chat, prompt, response, max_length=n, max_prompt_length=n) is None
+    assert pair(chat, prompt, "a", max_length=n, max_prompt_length=n) is None
+    one = encode_generated(chat, prompt, response[:1], max_length=n + 1, max_prompt_length=n)
+    assert len(one.input_ids) == n + 1 and not one.cut
     # Nothing sampled: nothing to train on, and never a sequence collate would refuse.
-    assert encode_generated(tokenizer, prompt, [], max_length=100, max_prompt_length=n) is None
+    assert encode_generated(chat, prompt, [], max_length=100, max_prompt_length=n) is None
     collate([cut, one], pad_token_id=0)
     with pytest.raises(ValueError, match="must be positive"):
-        encode_generated(tokenizer, prompt, response, max_length=0, max_prompt_length=10)
+        encode_generated(chat, prompt, response, max_length=0, max_prompt_length=10)
 
 
 @pytest.mark.parametrize("bad, pattern", [([1, 2.5], "must be integers"), ([3, -1], "non-negative, got -1"),
                                           (["5"], "must be integers")])
-def test_generated_ids_must_be_token_ids(tokenizer, bad, pattern):
+def test_generated_ids_must_be_token_ids(chat, bad, pattern):
     with pytest.raises(ValueError, match=pattern) as error:
-        encode_generated(tokenizer, [turn("user", "q")], bad, 64, 32)
+        encode_generated(chat, [turn("user", "q")], bad, 64, 32)
     assert "\n" not in str(error.value)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iris_ref import generation
-from iris_ref.data import prompt_ids, stop_token_ids
+from iris_ref.chat import ChatFormat
 from iris_ref.generation import Generation, choose_backend, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,7 +194,7 @@ def test_the_model_is_fed_exactly_the_training_prompt_ids_longest_first(model, t
     monkeypatch.setattr(model, "generate", spy)
     padding_side = tokenizer.padding_side
     hf(model, tokenizer, num_responses=2, max_new_tokens=2, batch_size=3)
-    expected = [prompt_ids(tokenizer, p) for p in PROMPTS]
+    expected = [ChatFormat(tokenizer).prompt_ids(p) for p in PROMPTS]
     rows = [row for batch in fed for row in batch]
     assert [len(batch) for batch in fed] == [3, 3, 3, 1]  # 5 prompts x 2 responses in batches of 3
     assert sorted(map(tuple, rows)) == sorted(map(tuple, expected * 2))
@@ -231,15 +231,16 @@ def test_seeded_sampling_is_deterministic_and_leaves_global_state_alone(model, t
 def test_batches_are_seeded_from_seed_and_index_only_so_their_order_does_not_matter(model, tokenizer):
     """What a rank layout changes is which process runs a batch and what ran before it: each
     batch's result must depend on its (seed, index) only."""
-    ids = [prompt_ids(tokenizer, p) for p in PROMPTS] * 2
-    stops = stop_token_ids(tokenizer)
+    ids = [ChatFormat(tokenizer).prompt_ids(p) for p in PROMPTS] * 2
+    stops = ChatFormat(tokenizer).stop_ids
     plan = generation.plan_batches([len(x) for x in ids], 2, 3)
     config = generation._generation_config(6, 1.0, 1.0, stops, tokenizer.pad_token_id)
     common = dict(pad_token_id=tokenizer.pad_token_id, stops=stops, generation_config=config, seed=3, synced=False)
     with torch.no_grad(), generation._only_these_generation_settings(model, config):
-        forward = generation._run_plan(model, plan, list(range(len(plan))), ids, **common)
-        backward = generation._run_plan(model, plan, [None] + list(reversed(range(len(plan)))), ids, **common)
-        alone = generation._run_plan(model, plan, [len(plan) - 2], ids, **common)
+        budgets = [6] * len(ids)
+        forward = generation._run_plan(model, plan, list(range(len(plan))), ids, budgets, **common)
+        backward = generation._run_plan(model, plan, [None] + list(reversed(range(len(plan)))), ids, budgets, **common)
+        alone = generation._run_plan(model, plan, [len(plan) - 2], ids, budgets, **common)
     assert forward == backward and len(forward) == len(plan)
     assert alone == {len(plan) - 2: forward[len(plan) - 2]}
     assert generation.batch_seed(3, 0) != generation.batch_seed(3, 1) != generation.batch_seed(4, 1)
@@ -296,7 +297,7 @@ def test_a_base_model_stopping_on_endoftext_keeps_endoftext(model, tokenizer):
     base = copy.deepcopy(tokenizer)
     base.eos_token = "<|endoftext|>"
     end_of_text, end_of_turn = base.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    assert stop_token_ids(base) == [end_of_turn, end_of_text]
+    assert ChatFormat(base).stop_ids == [end_of_turn, end_of_text]
     y = tokenizer.convert_tokens_to_ids("y")
     # "y" most of the time, <|endoftext|> now and then: responses of several lengths
     handle = boost_logits(model, {y: 40.0, end_of_text: 39.0})
@@ -318,7 +319,7 @@ def test_at_least_one_token_whatever_max_new_tokens(model, tokenizer):
     assert all(len(g.token_ids) == 1 for responses in outputs for g in responses)
     for responses in outputs:
         g = responses[0]
-        assert g.finished == (g.token_ids[0] in stop_token_ids(tokenizer))
+        assert g.finished == (g.token_ids[0] in ChatFormat(tokenizer).stop_ids)
 
 
 def test_empty_prompt_list(model, tokenizer):
@@ -431,8 +432,8 @@ def test_vllm_backend_gets_the_prompt_ids_one_request_per_prompt_and_is_torn_dow
 
     (_, init), (_, prompts, params, per_request), *teardown = fake.calls
     assert init == {"model": str(tiny_checkpoint), "tokenizer": str(tiny_checkpoint), "seed": 11, "dtype": "bfloat16",
-                    "gpu_memory_utilization": 0.6, "max_model_len": 96}
-    assert prompts == [{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in PROMPTS]
+                    "gpu_memory_utilization": 0.6, "max_model_len": 96, "trust_remote_code": False}
+    assert prompts == [{"prompt_token_ids": ChatFormat(tokenizer).prompt_ids(p)} for p in PROMPTS]
     assert not per_request and "seed" not in params[0]  # the engine is seeded, requests are not
     assert (params[0]["n"], params[0]["temperature"], params[0]["top_p"], params[0]["max_tokens"],
             params[0]["stop_token_ids"]) == (3, 1.0, 0.9, 7, [end])
@@ -452,3 +453,60 @@ def test_vllm_per_request_seeds_only_on_request(tiny_checkpoint, tokenizer, monk
     assert init["max_model_len"] is None  # vLLM's default unless the caller passes the run's length
     assert per_request and [p["seed"] for p in params] == [11 + 2 * i for i in range(len(PROMPTS))]
     assert outputs == [[Generation([end], "", True)] * 2] * len(PROMPTS)
+
+
+def test_vllm_gets_each_prompts_budget_trust_remote_code_and_the_named_gpu(tiny_checkpoint, tokenizer, monkeypatch):
+    """Issue 19: per-prompt max_tokens (the budget the annotated responses are cut to), the
+    --trust-remote-code flag, and --device cuda:N in one process: the engine starts while
+    CUDA_VISIBLE_DEVICES names only that GPU, and the caller's setting is restored after."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    fake = FakeVllm(lambda i, j: ([end], "stop")).install(monkeypatch)
+    seen = []
+    original_init = sys.modules["vllm"].LLM.__init__
+
+    def init(self, **kwargs):
+        seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        original_init(self, **kwargs)
+
+    monkeypatch.setattr(sys.modules["vllm"].LLM, "__init__", init)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    budgets = [5, 9, 5, 2, 7][:len(PROMPTS)]
+    generate(tiny_checkpoint, tokenizer, PROMPTS, max_new_tokens=budgets, backend="vllm", device="cuda:2",
+             trust_remote_code=True)
+    (_, init_kwargs), (_, _, params, per_request), *_ = fake.calls
+    assert init_kwargs["trust_remote_code"] is True
+    assert per_request and [p["max_tokens"] for p in params] == budgets
+    assert seen == ["6"] and os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    fake.calls.clear()
+    generate(tiny_checkpoint, tokenizer, PROMPTS, max_new_tokens=3, backend="vllm", device="cuda")
+    assert seen[-1] == "4,5,6,7"  # no index named: vLLM takes the first visible GPU, as training does
+
+
+def test_transformers_path_cuts_each_row_at_its_own_budget(model, tokenizer):
+    """Per-prompt budgets on the transformers path: a batch decodes to its largest budget and each
+    row is cut at its own, which is the response it would have had with its own limit (greedy:
+    the same tokens as generating that prompt alone with that limit)."""
+    budgets = [1, 4, 2, 6, 3][:len(PROMPTS)]
+    together = hf(model, tokenizer, temperature=0, max_new_tokens=budgets, batch_size=len(PROMPTS))
+    for prompt, budget, responses in zip(PROMPTS, budgets, together):
+        alone = hf(model, tokenizer, [prompt], temperature=0, max_new_tokens=budget)[0][0]
+        assert responses[0] == alone and len(alone.token_ids) <= budget
+    with pytest.raises(ValueError, match="2 budgets for"):
+        hf(model, tokenizer, max_new_tokens=[3, 3])
+
+
+def test_transformers_load_gets_trust_remote_code(tiny_checkpoint, tokenizer, monkeypatch):
+    """Issue 19: --trust-remote-code reaches the generation load (spied on the loader)."""
+    import transformers
+
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    generate(str(tiny_checkpoint), tokenizer, PROMPTS[:1], max_new_tokens=2, backend="hf", trust_remote_code=True)
+    assert calls == [True]

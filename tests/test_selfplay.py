@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from iris_ref.chat import ChatFormat
 from iris_ref import models, selfplay
 from tests.driver_helpers import comparable, read_summary, small_config
 
@@ -44,7 +45,8 @@ def test_run_directory_layout_and_summary_schema(iris_run):
         assert not (it / "trainer_state").exists()
         rows = [json.loads(line) for line in (it / "synthetic.jsonl").read_text().splitlines()]
         assert len(rows) == 16
-        assert set(rows[0]) == {"prompt", "chosen", "rejected", "rejected_token_ids", "rejected_finished", "sample_index"}
+        assert set(rows[0]) == {"prompt", "chosen", "rejected", "prompt_token_ids", "rejected_token_ids",
+                                "rejected_finished", "chosen_cut", "sample_index"}
         assert rows[0]["chosen"][0]["role"] == "assistant" and rows[0]["prompt"][-1]["role"] == "user"
         steps = [json.loads(line) for line in (it / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2]
@@ -84,12 +86,14 @@ def test_synthetic_responses_are_scored_from_their_sampled_token_ids(iris_run):
     saved = torch.load(run_dir / "iter_2" / "opponent_logps.pt", weights_only=True)
     opponent = models.load_policy(run_dir / "iter_1" / "checkpoint", device=torch.device("cpu"))
     tokenizer = models.load_tokenizer(None)
-    sequences = [data.encode_generated(tokenizer, r["prompt"], r["rejected_token_ids"], 48, 32) for r in rows]
+    chat = ChatFormat(tokenizer)
+    sequences = [data.encode_generated(chat, r["prompt"], r["rejected_token_ids"], 48, 32) for r in rows]
+    assert all(r["prompt_token_ids"] == chat.prompt_ids(r["prompt"]) for r in rows)
     rescored = score_sequences(opponent, sequences, tokenizer.pad_token_id, token_budget=10**6)
     torch.testing.assert_close(rescored, saved["synthetic"], rtol=0, atol=1e-4)
-    eot = data.end_of_turn_ids(tokenizer)[-1]
+    eot = chat.end_of_turn_ids[-1]
     for row in rows:  # the stop token the opponent emitted ends a finished response; nothing is appended otherwise
-        assert (row["rejected_token_ids"][-1] in data.stop_token_ids(tokenizer)) == row["rejected_finished"]
+        assert (row["rejected_token_ids"][-1] in chat.stop_ids) == row["rejected_finished"]
     assert any(not r["rejected_finished"] for r in rows) or all(r["rejected_token_ids"][-1] == eot for r in rows)
 
 

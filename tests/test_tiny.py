@@ -248,13 +248,17 @@ def test_cli_writes_both_tasks_data(tmp_path, monkeypatch, capsys):
 
 
 def _token_lengths(tokenizer, rows):
+    from iris_ref.chat import ChatFormat
+
+    chat = ChatFormat(tokenizer)
     prompts, answers, totals = [], [], []
     for row in rows:
         user, assistant = row["messages"]
-        prompt = data.prompt_ids(tokenizer, [user])
+        prompt = chat.prompt_ids([user])
         answer = tokenizer.encode(assistant["content"], add_special_tokens=False)
-        encoded = data.encode_pair(tokenizer, [user], assistant["content"], max_length=10_000, max_prompt_length=10_000)
-        assert encoded.input_ids == prompt + answer + data.end_of_turn_ids(tokenizer)
+        encoded, _ = data.encode_pair(chat, [user], assistant["content"], max_length=10_000, max_prompt_length=10_000)
+        # The tiny tokenizer has no word-start marker: the answer alone is the answer in context.
+        assert encoded.input_ids == prompt + answer + chat.end_of_turn_ids
         prompts.append(len(prompt))
         answers.append(len(answer))
         totals.append(len(encoded.input_ids))
