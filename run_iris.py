@@ -12,8 +12,10 @@ Read the algorithm in this order: `selfplay.run` → `selfplay.self_play_iterati
 `trainer.train` → `trainer.accumulate_gradient` → `objectives.iris_loss`.
 
 Bad input gives one line `error: ...` on stderr and exit code 2 before anything is written; a
-run that must stop (a non-finite loss) gives one line and exit code 1, leaving the last good
-checkpoint intact; Ctrl-C gives exit code 130 (continue with --resume).
+run that must stop (a non-finite loss, a full disk) gives one line and exit code 1, leaving the
+last good checkpoint intact; SIGTERM or SIGUSR1 (cluster preemption) saves the trainer state at
+the next optimizer step and exits 128 + the signal (143, 138); Ctrl-C gives exit code 130.
+Continue either with --resume (see iris_ref/errors.py).
 """
 
 from __future__ import annotations
@@ -43,16 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from iris_ref import distributed, selfplay
+    from iris_ref import distributed, preemption, selfplay
+    from iris_ref.errors import InputError, Interrupted, TrainingFailure
 
+    resume = f"continue with: --output-dir {config.output_dir} --resume"
     try:
-        selfplay.run(config)
-    except selfplay.InputError as exc:
+        with preemption.installed():
+            selfplay.run(config)
+    except InputError as exc:
         return _fail(str(exc), 2)
-    except selfplay.TrainingFailure as exc:
+    except TrainingFailure as exc:
         return _fail(str(exc), 1)
+    except Interrupted as exc:
+        return _fail(f"interrupted by {exc.name}; {resume}", exc.exit_code)
     except KeyboardInterrupt:
-        return _fail(f"interrupted; continue with: --output-dir {config.output_dir} --resume", 130)
+        return _fail(f"interrupted; {resume}", 130)
     finally:
         distributed.teardown_distributed()
     return 0

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 LOSSES = ("iris", "spin", "space", "spif")
+MIN_VALIDATION_ROWS = 32  # --sft-validation-size as a fraction: an NLL over fewer rows is mostly noise
 DEFAULT_HUB_DATASET = "HuggingFaceH4/ultrachat_200k"  # SPIN: UltraChat-200k, first turn, train_sft
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: found from any folder
 EMBEDDED_CONFIG = SHIPPED_CONFIGS / "tiny.yaml"
@@ -54,17 +55,20 @@ class IrisConfig:
     model: Optional[str] = _opt(None, "SFT model to start from: hub id or local Hugging Face folder; none runs the "
                                 "embedded default (a tiny Qwen2 model built on the spot, the toy task, an SFT warm-up).",
                                 "data")
-    dataset: Optional[str] = _opt(None, "Annotated data: hub name, or a local .json/.jsonl/.parquet file with `messages`, "
-                                  "`prompt`+`chosen` or `prompt`+`completion`.", "data",
+    dataset: Optional[str] = _opt(None, "Annotated data: hub name, a local .json/.jsonl/.parquet file, or a folder "
+                                  "written by datasets' save_to_disk, with `messages`, `prompt`+`chosen` or "
+                                  "`prompt`+`completion`.", "data",
                                   f"{DEFAULT_HUB_DATASET} with --model (SPIN); the toy task without")
-    split: Optional[str] = _opt(None, "Dataset split.", "data", "train_sft for hub datasets (SPIN), train for local files")
+    split: Optional[str] = _opt(None, "Dataset split (a file or a saved Dataset is whatever split is asked for).", "data",
+                                "train_sft for hub datasets (SPIN), train for local data")
     num_samples: Optional[int] = _opt(50000, "Prompts used: a fixed seeded subset (none: all).", "data",
                                       "SPIN; 26k is the IRIS data-efficiency setting")
     first_turn: bool = _opt(True, "The prompt is the first user turn; --no-first-turn keeps the whole conversation "
                             "before the last assistant turn.", "data", "SPIN")
     eval_dataset: Optional[str] = _opt(None, "Held-out data evaluated after every iteration.", "data",
                                        "test_sft of the hub default; the toy held-out file without --model; else none")
-    eval_split: Optional[str] = _opt(None, "Split of --eval-dataset.", "data", "test_sft for hub datasets, train for local files")
+    eval_split: Optional[str] = _opt(None, "Split of --eval-dataset.", "data",
+                                     "test_sft for hub datasets, test for a saved DatasetDict folder, train for files")
     eval_num_samples: Optional[int] = _opt(256, "Held-out rows per evaluation (none: all).", "data", "our choice: a cost bound")
     chat_template_kwargs: Optional[str] = _opt(None, "Options of the chat template as a JSON object, passed to every "
                                                 "rendering (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3.",
@@ -133,11 +137,14 @@ class IrisConfig:
     sft_learning_rate: Optional[float] = _opt(None, "Learning rate of the SFT warm-up.", "sft", "--learning-rate")
     sft_patience: Optional[int] = _opt(None, "Early stopping of the warm-up: stop after N epochs without a better "
                                        "held-out NLL and keep the best epoch (0 or none: keep the last).", "sft")
-    sft_validation_size: Optional[int] = _opt(None, "Rows of the training data held out (from the warm-up and from "
-                                              "self-play) for --sft-patience to stop on; none: it stops on "
-                                              "--eval-dataset, which then also scores the result (0: none).", "sft")
+    sft_validation_size: Optional[float] = _opt(
+        None, "Rows of the training data held out (from the warm-up and from self-play) for --sft-patience to stop on: "
+        f"a fraction (< 1) of the usable rows, at least {MIN_VALIDATION_ROWS}, or a number of rows (>= 1); either way "
+        "one global batch must be left to train on. None: it stops on --eval-dataset, which then also scores the "
+        "result (0: none).", "sft")
     # --- run ---------------------------------------------------------------------------
-    output_dir: Optional[str] = _opt(None, "Run folder.", "run", "runs/<model name>-<loss>")
+    output_dir: Optional[str] = _opt(None, "Run folder.", "run",
+                                     "runs/<model>-<loss>; runs/<model>-<data>-<loss> on other than the model's default data")
     resume: bool = _opt(False, "Continue the run in --output-dir with its saved options.", "run")
     overwrite: bool = _opt(False, "Delete the run in --output-dir and start afresh (only a folder this project "
                            "created).", "run")
@@ -189,12 +196,15 @@ class IrisConfig:
         for data_key, split_key, hub_split in (("dataset", "split", "train_sft"), ("eval_dataset", "eval_split", "test_sft")):
             if v[data_key] is not None:
                 v[data_key] = absolute_if_local(v[data_key])
-                if v[split_key] is None:
-                    v[split_key] = "train" if is_local(v[data_key]) else hub_split
+                if v[split_key] is None and not is_local(v[data_key]):
+                    v[split_key] = hub_split
+                elif v[split_key] is None:  # a file is whatever split is asked for; a saved DatasetDict's held-out
+                    # data is its test split, as the hub default's is test_sft
+                    v[split_key] = "test" if split_key == "eval_split" and os.path.isdir(v[data_key]) else "train"
         if v["model"] is not None:
             v["model"] = absolute_if_local(v["model"])
         if v["output_dir"] is None:
-            v["output_dir"] = str(Path("runs") / f"{default_run_name(self.model)}-{v['loss']}")
+            v["output_dir"] = str(Path("runs") / f"{default_run_name(self.model, v['dataset'])}-{v['loss']}")
         v["output_dir"] = os.path.abspath(os.path.expanduser(v["output_dir"]))
         return IrisConfig(**v)
 
@@ -219,10 +229,15 @@ class IrisConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience", "sft_validation_size",
-                     "max_new_tokens"):
+        for name in ("num_samples", "eval_num_samples", "save_steps", "threads", "sft_patience", "max_new_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        size = self.sft_validation_size
+        if size is not None and not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
+            raise ConfigError(f"--sft-validation-size must be a fraction in (0, 1) or a whole number of rows, "
+                              f"got {size}")
+        if self.seed < 0:  # numpy's generators refuse negative seeds, deep inside the run
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.sft_epochs < 0:
             raise ConfigError(f"--sft-epochs must be >= 0, got {self.sft_epochs}")
         if self.alpha_min > self.alpha_max:
@@ -282,15 +297,10 @@ DERIVED = frozenset({"dataset", "split", "eval_dataset", "eval_split", "beta", "
                      "sft_learning_rate", "output_dir", "template_date"})
 # Options that hold a path: compared after resolving them against the current directory.
 PATH_OPTIONS = ("model", "dataset", "eval_dataset", "output_dir")
-_GENERIC_NAMES = re.compile(r"^(checkpoint(-\d+)?|iter_\d+|final|best|latest|model|hf|output)$")
+_GENERIC_NAMES = re.compile(r"^(checkpoint(-\d+)?|iter_\d+|final|best|latest|model|hf|output|"
+                            r"data|dataset|train|test|synthetic|heldout|validation)$")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def is_local(source: str) -> bool:
-    """A path rather than a hub id (`org/name`): it exists, has a data-file suffix, starts like a
 def parse_template_kwargs(value) -> dict[str, Any]:
     """`--chat-template-kwargs` as a dict: a JSON object (a mapping in a YAML config); `ConfigError` otherwise."""
     if value is None:
@@ -306,6 +316,12 @@ def parse_template_kwargs(value) -> dict[str, Any]:
     return value
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def is_local(source: str) -> bool:
+    """A path rather than a hub id (`org/name`): it exists, has a data-file suffix, starts like a
     path, or has more than one `/`."""
     return os.path.exists(os.path.expanduser(source)) or source.endswith((".json", ".jsonl", ".parquet")) \
         or source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -316,13 +332,25 @@ def absolute_if_local(source: str) -> str:
     return os.path.abspath(os.path.expanduser(source)) if is_local(source) else source
 
 
-def default_run_name(model: Optional[str]) -> str:
-    """`tiny`, a hub id's name, or a local folder's name with its parents until one is not generic
-    (`runs/x/iter_3/checkpoint` gives `x-iter_3-checkpoint`, so checkpoints of one run do not collide)."""
-    if model is None:
-        return "tiny"
-    parts = [p for p in Path(str(model).rstrip("/")).parts if p not in ("/", ".", "..")]
-    if not is_local(model):
+def default_run_name(model: Optional[str], dataset: Optional[str] = None) -> str:
+    """The model's name, then the data's unless it is the model's default (the toy task for the
+    embedded model, `DEFAULT_HUB_DATASET` for the others): `tiny`, `tiny-mydata`, `Qwen2.5-3B`,
+    `Qwen2.5-3B-mydata`, so that runs on other data do not collide with the default run.
+
+    A name is a hub id's last part, or a local path's (a data file's without its suffix) with its
+    parents until one is not generic (`runs/x/iter_3/checkpoint` gives `x-iter_3-checkpoint`, so
+    checkpoints of one run do not collide; `runs/x/iter_1/synthetic.jsonl` gives `x-iter_1-synthetic`)."""
+    name = "tiny" if model is None else _source_name(model)
+    default_data = None if model is None else DEFAULT_HUB_DATASET
+    return name if dataset is None or dataset == default_data else f"{name}-{_source_name(dataset)}"
+
+
+def _source_name(source: str) -> str:
+    path = Path(str(source).rstrip("/"))
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        path = path.with_suffix("")
+    parts = [p for p in path.parts if p not in ("/", ".", "..")]
+    if not is_local(source):
         return parts[-1]
     name = []
     for part in reversed(parts):
@@ -527,14 +555,14 @@ def resume_config(options: dict[str, Any]) -> IrisConfig:
     values.update(output_dir=str(run_dir), resume=True, overwrite=False)
     if values["device"] == "auto":
         values["device"] = "cuda" if _cuda_available() else "cpu"
+    if values.get("template_date") is None:  # a run from before the date was frozen rendered with "today"
+        values["template_date"] = datetime.date.today().isoformat()
     config = config_from_dict(values)
     config.validate()
     return config
 
 
 def config_from_dict(values: dict[str, Any]) -> IrisConfig:
-    if values.get("template_date") is None:  # a run from before the date was frozen rendered with "today"
-        values["template_date"] = datetime.date.today().isoformat()
     """Rebuild a config from a dict (config.json); unknown keys are a `ConfigError`."""
     known = {f.name for f in dataclasses.fields(IrisConfig)}
     unknown = sorted(set(values) - known)

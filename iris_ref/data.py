@@ -2,9 +2,12 @@
 
 Choices:
 
-* Data comes through ``datasets.load_dataset``: a hub name (with its ``split``) or a local
+* Data comes through ``datasets``: a hub name (with its ``split``), a local
   ``.json``/``.jsonl``/``.parquet`` file (chosen by extension; the file becomes the requested
-  split).
+  split), or a folder written by ``save_to_disk``: a ``Dataset`` (used whatever the split,
+  like a file) or a ``DatasetDict`` (the requested split; a missing one is an error naming
+  those there). Any other folder is refused: loading every file in it as one table mixes
+  whatever it holds.
 * Three column sets are accepted as annotated data, checked in this order (so a dataset
   that has ``messages`` besides ``prompt``/``chosen`` is read through ``messages``):
 
@@ -24,12 +27,14 @@ Choices:
 * The prompt is every turn before the LAST assistant turn and the annotated response is that
   turn. With ``first_turn=True`` (SPIN's UltraChat setting) the prompt is the first user turn
   (plus a leading system turn, if any) and the response is the assistant turn right after it.
-* ``prompt`` + ``chosen`` rows that give the same example (prompt turns and response) are
-  kept once, the rest counted as ``duplicate``. Such rows differ only in ignored columns:
-  the project's own ``synthetic.jsonl`` has one row per sampled response (K per prompt), and
-  preference sets pair one chosen answer with several rejected ones. Loading them should
-  give each annotated example once, not K times. Rows of the other two formats are kept as
-  given, repeats included.
+* One rule in every format: a row whose example (prompt turns and response) equals one
+  already kept is counted ``duplicate`` and dropped. Repeats are either copies or rows that
+  differ only in what is not read (the project's own ``synthetic.jsonl`` has one row per
+  sampled response, K per prompt; preference sets pair one chosen answer with several
+  rejected ones; with ``first_turn`` the later turns), and a repeat would only weigh an
+  example twice and sample it twice. The exception is the shipped toy tasks
+  (``iris_ref/toy_data/``): their rows are draws from a known answer distribution, so their
+  repeats ARE that distribution (the evaluation compares the model's with it) and are kept.
 * Invalid rows are skipped and counted by reason (see ``SkipCounts``; only the turns that
   are looked at are checked); an error is raised if nothing valid is left.
 * **Token-exact sequences: what is trained is what the model sees.** ``chat.ChatFormat``
@@ -83,7 +88,7 @@ class SkipCounts:
       turn to answer it;
     * ``bad_content``: a used turn's ``content`` is missing or not a string;
     * ``empty_content``: a used turn's ``content`` is blank;
-    * ``duplicate``: a ``prompt`` + ``chosen`` row repeating an example already kept;
+    * ``duplicate``: a row repeating an example already kept (prompt turns and response);
     * ``too_long``: the prompt exceeds ``max_prompt_length`` or leaves no room for a response;
     * ``prefix_mismatch``: the tokenized generation prompt is not the start of the tokenized
       conversation (``chat.ChatFormat``), so no sequence is both what the model was prompted
@@ -172,6 +177,8 @@ def _load_rows(source: str, split: str):
     import datasets
 
     path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_saved(path, split)
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
     if builder is not None:
         if not path.is_file():
@@ -190,6 +197,26 @@ def _load_rows(source: str, split: str):
             return datasets.load_dataset(str(source), split=split)
     except Exception as error:
         raise ValueError(f"cannot load dataset {source!r} (split {split!r}): {_first_line(error)}") from None
+
+
+def _load_saved(path: Path, split: str):
+    """A folder written by ``save_to_disk``: a ``Dataset`` as it is, a ``DatasetDict``'s ``split``."""
+    import datasets
+
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        raise ValueError(f"dataset folder {path} was not written by datasets' save_to_disk (no dataset_dict.json or "
+                         "state.json): give such a folder, a .json/.jsonl/.parquet file or a hub name")
+    try:
+        with _quiet_datasets():
+            saved = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise ValueError(f"cannot read dataset folder {path}: {_first_line(error)}") from None
+    if not isinstance(saved, datasets.DatasetDict):
+        return saved
+    if split not in saved:
+        raise ValueError(f"dataset folder {path} has no split {split!r} (its splits: {', '.join(saved)}): choose one "
+                         "with --split or --eval-split")
+    return saved[split]
 
 
 def _turn_problem(turn) -> str | None:
@@ -344,6 +371,14 @@ def _example_key(example: Example) -> tuple:
     return tuple((t["role"], t["content"]) for t in example.prompt_messages), example.response
 
 
+def _is_toy_task_file(source: str) -> bool:
+    """A shipped toy task's file (``iris_ref/toy_data/``), whose repeated rows are kept."""
+    from iris_ref.tiny import TOY_DATA_DIR
+
+    path = Path(source).expanduser()
+    return path.is_file() and path.resolve().parent == TOY_DATA_DIR.resolve()
+
+
 def load_examples(
     source: str, split: str = "train", num_samples: int | None = None, seed: int = 0, first_turn: bool = True
 ) -> tuple[list[Example], SkipCounts]:
@@ -353,9 +388,10 @@ def load_examples(
     With ``num_samples`` set, rows are visited in a seeded random order until
     ``num_samples`` valid examples are found (so the counts cover the rows looked at; a
     duplicate does not count as a new example); the examples are returned in the dataset's
-    order. Raises ``ValueError`` (one line naming the source and the problem) for missing,
-    unreadable or empty data, for columns of no accepted format and when no valid row is
-    left.
+    order. A row repeating a kept example is counted ``duplicate`` and dropped, in every
+    format, except in the shipped toy tasks' files (see the module docstring). Raises
+    ``ValueError`` (one line naming the source and the problem) for missing, unreadable or
+    empty data, for columns of no accepted format and when no valid row is left.
     """
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -364,7 +400,7 @@ def load_examples(
         raise ValueError(f"dataset {source} (split {split!r}) is empty")
     names = _format_of(source, dataset.column_names)
     columns = [dataset[name] for name in names]
-    keep_once = names == ("prompt", "chosen")
+    keep_repeats = _is_toy_task_file(source)  # draws from a known distribution: repeats are part of it
     order = range(len(dataset))
     if num_samples is not None and num_samples < len(dataset):
         order = np.random.default_rng(seed).permutation(len(dataset)).tolist()
@@ -376,7 +412,7 @@ def load_examples(
         if example is None:
             counts.add(reason)
             continue
-        if keep_once:
+        if not keep_repeats:
             key = _example_key(example)
             if key in seen:
                 counts.add("duplicate")

@@ -98,7 +98,7 @@ class MetricsLog:
         record = {"iteration": self.iteration, **{k: _plain(v) for k, v in record.items()}}
         if not distributed.is_main_process():
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with files.writing(self.path), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._writer is not None:
             step = self.step_offset + int(record.get("step", 0))

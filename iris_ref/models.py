@@ -152,10 +152,11 @@ def check_finite(policy, what: str) -> None:
 
 
 def save_checkpoint(policy, path: Path, tokenizer=None) -> None:
-    """One full Hugging Face folder at `path`, atomically (call on every rank: FSDP gathers)."""
+    """One full Hugging Face folder at `path`, atomically, with the SHA256SUMS a resume verifies it
+    by (call on every rank: FSDP gathers)."""
     state = distributed.full_model_state_dict(policy)
     model = distributed.unwrap_model(policy)
-    with files.atomic_directory(path) as tmp:
+    with files.atomic_directory(path, checksums=True) as tmp:
         if tmp is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # transformers' notes about generation defaults

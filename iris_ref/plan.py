@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from iris_ref import chat as chat_lib
-from iris_ref import distributed, trainer
+from iris_ref import distributed
 from iris_ref.data import response_budget
 
 GB = 1e9
@@ -86,16 +86,19 @@ def print_plan(run, verdict: str) -> None:
         f"  per step       {config.global_batch_size} prompts x (1 + {config.num_synthetic}) sequences, about "
         f"{per_step:,.0f} tokens (annotated: {annotated:.0f} tokens a sequence, {prompt_tokens:.0f} of them prompt)",
         f"  generator      {generator_choice(config)}",
-        f"  disk at peak   {sum(disk.values()) / GB:.1f} GB: checkpoints {disk['checkpoints'] / GB:.1f}, trainer state "
-        f"{disk['trainer_state'] / GB:.1f} (two copies at most), synthetic data {disk['synthetic'] / GB:.2f}; "
-        f"{free / GB:.0f} GB free there",
+        f"  disk at peak   {size(sum(disk.values()))}: checkpoints {size(disk['checkpoints'])}, trainer state "
+        f"{size(disk['trainer_state'])} (two copies at most), synthetic data {size(disk['synthetic'])}; "
+        f"{size(free)} free there",
     ]
-    if distributed.is_main_process():
+    if free < sum(disk.values()):
+        lines.append(f"  warning        {size(free)} free on the disk of {config.output_dir} is less than the "
+                     f"{size(sum(disk.values()))} this run keeps at its peak: it would stop with 'no space left' "
+                     "(its last good state intact); free space or choose another --output-dir")
     lines += chat_lines(run.chat, run.encoded[0])
+    if distributed.is_main_process():
         print("\n".join(lines), flush=True)
 
 
-def _existing_parent(path: Path) -> Path:
 def chat_lines(chat, first) -> list[str]:
     """What is trained on, token by token, so that a template problem shows before a GPU hour is
     spent: the first annotated example, its prompt/response boundary, BOS, end of turn, stops."""
@@ -116,6 +119,12 @@ def chat_lines(chat, first) -> list[str]:
             f"  template       date {date}; options {chat.template_kwargs or 'none'}"]
 
 
+def size(n_bytes: float) -> str:
+    """Bytes in GB, or in MB below 1 GB (a tiny run's 0.0 GB says nothing)."""
+    return f"{n_bytes / GB:.1f} GB" if n_bytes >= GB else f"{n_bytes / 1e6:.1f} MB"
+
+
+def _existing_parent(path: Path) -> Path:
     path = path.resolve()
     while not path.exists():
         path = path.parent

@@ -67,6 +67,14 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def heldout_note(iterations: list[dict[str, Any]]) -> str:
+    """What an empty held-out panel says: that there is no held-out data, or, when there is (its
+    NLL is drawn), that accuracy needs an exact answer checker, which only the toy tasks have."""
+    if any(e.get("heldout_nll") is not None for e in iterations):
+        return "no accuracy: only the toy tasks have an exact\nanswer checker (held-out NLL: left panel)"
+    return "no held-out data\n(--eval-dataset)"
+
+
 def read_step_metrics(run_dir: Path, iterations: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """The per-step records of each self-play iteration (`iter_<t>/metrics.jsonl`), by iteration."""
     steps: dict[int, list[dict[str, Any]]] = {}
@@ -150,7 +158,7 @@ def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: 
         ax.set_xlabel("iteration (0 = starting model)")
         ax.set_xticks(its)
         if not pts_any[0] and keys_labels[0][0].startswith("heldout"):
-            ax.text(0.5, 0.5, "no held-out data\n(--eval-dataset)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, heldout_note(iterations), ha="center", va="center", transform=ax.transAxes)
         _legend(ax)
 
     if summary.get("loss", "iris") == "iris":
@@ -159,11 +167,11 @@ def write_report(run_dir: Path, summary: Optional[dict[str, Any]] = None, path: 
         axes[1, 0].set_axis_off()
         axes[1, 0].text(0.5, 0.5, f"no order alpha: loss {summary.get('loss')}", ha="center", va="center")
     per_iter(axes[1, 1], [("gap", "gap")], "gap (opponent scores)", skip_start=True)
-    per_iter(axes[1, 2], [("heldout_nll", "NLL / token")], "held-out NLL of annotated responses")
+    per_iter(axes[1, 2], [("heldout_nll", "NLL / token")], "held-out NLL / token of the annotated responses")
     per_iter(
         axes[1, 3],
         [("heldout_accuracy", "greedy"), ("heldout_sampled_accuracy", "sampled"), ("heldout_answer_tv", "answer TV")],
-        "held-out accuracy / answer-distribution TV",
+        "held-out accuracy / answer-distribution TV (toy tasks)",
     )
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")

@@ -20,22 +20,126 @@ nothing) when the folder is not a run or holds anything else.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from iris_ref import distributed, files
+from iris_ref.errors import InputError
 
 MARKER = ".iris-run"
-_OWN_NAMES = {MARKER, "config.json", "data.json", "summary.json", "report.png", "tensorboard"}
+LOCK = ".iris-run.lock"
+_OWN_NAMES = {MARKER, LOCK, "config.json", "data.json", "summary.json", "report.png", "tensorboard"}
 _OWN_PATTERN = re.compile(r"^(iter_\d+|\..*\.tmp(-\w+)?|.*\.tmp)$")
+# What a killed write leaves: `files`' temporary files and folders, and a folder renamed aside.
+_LEFTOVER = re.compile(r"^(\..+\.tmp|\..+\.tmp-\w+|(checkpoint|step_\d{8})\.old)$")
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """The output folder cannot be used as asked (one-line message)."""
+
+
+class RunLock:
+    """The run folder is owned by one process at a time: an exclusive lock on `.iris-run.lock`
+    (`filelock`: an flock, released by the kernel when its process dies, so a killed run never
+    blocks its resume), taken before anything is written and held for the process's life; the
+    holder's host, PID and start time are written into the file for the next one to read.
+    Only rank 0 locks. On NFS the lock holds between machines where the server supports
+    locking (NFSv4, or lockd for v3); see docs/usage.md."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._lock = None
+
+    def acquire(self) -> None:
+        """Take the lock, or `RunDirError` naming the process that holds it (nothing touched)."""
+        import filelock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(self.path, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise self.in_use_error(self._holder()) from None
+        self._lock = lock
+        self.path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+    def held_elsewhere(self) -> Optional[str]:
+        """The holder, if another process holds the lock (probing an existing lock file changes
+        nothing); None otherwise."""
+        import filelock
+
+        if not self.path.is_file():
+            return None
+        probe = filelock.FileLock(self.path, thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except filelock.Timeout:
+            return self._holder()
+        probe.release()
+        return None
+
+    def in_use_error(self, holder: str) -> "RunDirError":
+        return RunDirError(f"--output-dir {self.path.parent} is in use by another iris-ref process ({holder}); nothing "
+                           "was touched: wait for it to end, or stop it and continue with --resume")
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text())
+            return f"host {holder['host']}, PID {holder['pid']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock(run_dir: Path, *, resume: bool, overwrite: bool, config: Optional[dict] = None) -> RunLock:
+    """Take the run folder's lock on rank 0 (every rank gets its `RunDirError`) and decide again,
+    under the lock, what to do with the folder (another run may have written it meanwhile)."""
+    held, error = RunLock(run_dir), None
+    if distributed.is_main_process():
+        try:
+            held.acquire()
+            check_output_dir(run_dir, resume=resume, overwrite=overwrite, config=config, holding_lock=True)
+        except RunDirError as exc:
+            held.release()
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise RunDirError(error)
+    return held
+
+
+def remove_leftovers(run_dir: Path) -> int:
+    """Remove what killed writes left in a run folder of ours (temporary files and folders of
+    `files`, folders renamed aside); nothing else. Returns how many entries were removed."""
+    run_dir = Path(run_dir)
+    if not is_run(run_dir) or not distributed.is_main_process():
+        return 0
+    removed = 0
+    folders = [run_dir, *[p for p in run_dir.glob("iter_*") if p.is_dir()],
+               *[p for p in run_dir.glob("iter_*/trainer_state") if p.is_dir()]]
+    for folder in folders:
+        for entry in folder.iterdir():
+            if _LEFTOVER.match(entry.name) and not entry.is_symlink():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed += 1
+    return removed
 
 
 def _is_own_entry(name: str) -> bool:
@@ -62,15 +166,23 @@ def read_saved_config(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume: cannot read {saved}: {exc}") from None
 
 
-def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
+def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool, config: Optional[dict] = None,
+                     holding_lock: bool = False) -> str:
     """What to do with `run_dir`: "fresh", "resume" or "overwrite"; `RunDirError` otherwise.
 
     Decides only; nothing is written or deleted here (the driver calls it before heavy work).
+    `config` (this run's resolved options, `IrisConfig.to_dict()`) makes the advice for a folder
+    that already holds a run right: `--resume` is suggested only when that run computes the same
+    (`differences`), else another `--output-dir`.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--output-dir {run_dir} is a file, not a folder")
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    holder = None if holding_lock else RunLock(run_dir).held_elsewhere()
+    if holder is not None:  # a running process owns it: no other advice applies
+        raise RunLock(run_dir).in_use_error(holder)
+    # The lock file alone (left by a run that stopped before writing anything) is no content.
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
     if resume:
         return "resume"  # config.resume_config already checked that a run is there
     if not entries:
@@ -80,6 +192,11 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
             f"--output-dir {run_dir} is not empty and was not created by iris-ref (no {MARKER} marker); "
             "nothing was touched: choose an empty or new folder")
     if not overwrite:
+        differ = differences(run_dir, config) if config is not None else []
+        if differ:
+            shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+            raise RunDirError(f"--output-dir {run_dir} already holds another run ({shown}): choose another "
+                              "--output-dir (--overwrite would delete that run)")
         raise RunDirError(f"--output-dir {run_dir} already holds a run: add --resume to continue it, or --overwrite "
                           "to delete it and start afresh")
     foreign = [name for name in entries if not _is_own_entry(name)]
@@ -88,6 +205,21 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
         raise RunDirError(f"--overwrite: {run_dir} also holds files iris-ref did not write ({shown}); nothing was "
                           "deleted: move them away or choose another --output-dir")
     return "overwrite"
+
+
+def differences(run_dir: Path, config: dict) -> list[str]:
+    """How the run in `run_dir` differs from `config` in what it computes: each option outside
+    `config.RESUMABLE_CHANGES` whose saved value differs, as `--loss 'iris' (the run has 'spin')`:
+    empty when `--resume` continues the same computation. The template date is left out: unless
+    given it is today's, and a resume keeps the run's own."""
+    from iris_ref.config import RESUMABLE_CHANGES, ConfigError
+
+    try:
+        saved = read_saved_config(run_dir)
+    except ConfigError:
+        return ["its config.json cannot be read"]  # --resume would be refused too
+    return [f"--{name.replace('_', '-')} {value!r} (the run has {saved[name]!r})" for name, value in config.items()
+            if name in saved and name not in RESUMABLE_CHANGES and name != "template_date" and saved[name] != value]
 
 
 def check_same_data(run_dir: Path, digest: dict) -> None:
@@ -112,10 +244,12 @@ def prepare(run_dir: Path, verdict: str, config_text: str, data_digest: Optional
     if distributed.is_main_process():
         if verdict == "overwrite":
             for entry in run_dir.iterdir():
-                if _is_own_entry(entry.name) and entry.name != MARKER:
+                if _is_own_entry(entry.name) and entry.name not in (MARKER, LOCK):  # the lock is ours, held
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
+    if verdict == "resume":
+        remove_leftovers(run_dir)
     if not is_run(run_dir):  # a resumed run from before the marker existed gets one too
         files.write_json(run_dir / MARKER, {"created_by": "iris-ref", "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     # Rewritten on resume as well: a run extended with --iters keeps its new length.
@@ -142,6 +276,21 @@ class IterationDir:
     @property
     def complete(self) -> bool:
         return (self.path / "COMPLETE").is_file()
+
+    @property
+    def trained(self) -> bool:
+        """The model of this iteration was saved (train_summary.json is written right after its
+        checkpoint): a run stopped during its evaluation need not train it again."""
+        return (self.path / "train_summary.json").is_file() and self.checkpoint.is_dir()
+
+    def reopen(self) -> None:
+        """Undo COMPLETE and remove the checkpoint (a damaged one): the iteration is made again;
+        its synthetic data and opponent log-probs are reused if they verify."""
+        if distributed.is_main_process():
+            for name in ("COMPLETE", "train_summary.json", "eval.json"):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.checkpoint, ignore_errors=True)
+        distributed.barrier()
 
     def mark_complete(self) -> None:
         """The iteration is done: COMPLETE is written last, then the trainer state is dropped."""

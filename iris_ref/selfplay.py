@@ -38,16 +38,12 @@ import torch
 
 from iris_ref import chat as chat_lib
 from iris_ref import data as data_lib
-from iris_ref import distributed, files, models, rundir, train_state, trainer
-from iris_ref.config import IrisConfig, parse_template_kwargs
+from iris_ref import distributed, files, models, preemption, rundir, train_state, trainer
+from iris_ref.config import MIN_VALIDATION_ROWS, IrisConfig, is_local, parse_template_kwargs
 from iris_ref.metrics import MetricsLog
 from iris_ref.objectives import get_objective
 from iris_ref.schedule import AlphaSchedule, per_token_scores
-from iris_ref.trainer import TrainingFailure  # raised here too: non-finite weights are not saved
-
-
-class InputError(ValueError):
-    """Bad user input found before heavy work (CLI: one line, exit code 2)."""
+from iris_ref.errors import InputError, TrainingFailure
 
 
 def log(message: str) -> None:
@@ -68,6 +64,7 @@ class Run:
     heldout: list           # data.Example of the held-out data (may be empty)
     schedule: AlphaSchedule
     validation: list        # data.Example held out of training for the warm-up's early stopping (may be empty)
+    lock: Optional[rundir.RunLock] = None  # the run folder is this process's until it ends
 
     @property
     def tokenizer(self):
@@ -87,10 +84,12 @@ def run(config: IrisConfig) -> Optional[dict]:
         session = setup(config)
         if session is None:  # --dry-run
             return None
-        start_model(session)
-        for t in range(1, config.iters + 1):
-            self_play_iteration(session, t)
-        return finish(session)
+        with session.lock:
+            verify_resume_point(session)
+            start_model(session)
+            for t in range(1, config.iters + 1):
+                self_play_iteration(session, t)
+            return finish(session)
 
 
 def self_play_iteration(run: Run, t: int) -> None:
@@ -99,6 +98,8 @@ def self_play_iteration(run: Run, t: int) -> None:
     it = rundir.iteration(run.dir, t)
     if it.complete:
         return
+    if it.trained:  # a run stopped while evaluating θ_t: only that is left
+        return evaluate_and_complete(run, it, load_policy(run, it.checkpoint))
     config, opponent = run.config, model_path(run, t - 1)
     started = time.time()
 
@@ -115,7 +116,7 @@ def self_play_iteration(run: Run, t: int) -> None:
     logps = files.reuse_or_make(
         it.path / "opponent_logps.pt", lambda: opponent_logprobs(run, policy, data, opponent_sha, data_sha),
         save=files.save_tensors, load=files.load_tensors,
-        mismatch=lambda saved: _other_source(saved, opponent_sha=opponent_sha, sequences_sha256=data_sha), log=log)
+        mismatch=lambda saved: _other_source(saved, opponent_sha256=opponent_sha, sequences_sha256=data_sha), log=log)
     data = replace(data, opponent_real=logps["real"], opponent_synthetic=logps["synthetic"])
 
     # 3. α_t from the gap between the opponent's scores of annotated and synthetic responses
@@ -133,14 +134,15 @@ def self_play_iteration(run: Run, t: int) -> None:
                            epochs=config.epochs, learning_rate=config.learning_rate, state_dir=it.trainer_state,
                            log=metrics_log(run, it), desc=f"iteration {t} training", fingerprint=fingerprint)
 
-    # 5. save θ_t, evaluate it, mark the iteration complete
-    save_policy(run, policy, data, it.checkpoint, phase=f"iteration {t}")
-    files.write_json(it.path / "train_summary.json", {
-        **result, "iteration": t, "alpha": alpha if config.loss == "iris" else None, "gap": gaps[-1], "gaps": gaps,
-        "gap_warning": warning, "opponent_sha256": opponent_sha, "skipped_prompts": skipped, "cut": cut,
-        "generation_seconds": generation_seconds, "train_seconds": time.time() - started - generation_seconds})
-    files.write_json(it.path / "eval.json", evaluate(run, policy))
-    it.mark_complete()
+    # 5. save θ_t with its summary (a termination signal waits for both), evaluate it, mark the iteration complete
+    with preemption.deferred():
+        save_policy(run, policy, data, it.checkpoint, phase=f"iteration {t}")
+        files.write_json(it.path / "train_summary.json", {
+            **result, "iteration": t, "alpha": alpha if config.loss == "iris" else None, "gap": gaps[-1],
+            "gaps": gaps, "gap_warning": warning, "opponent_sha256": opponent_sha, "skipped_prompts": skipped,
+            "cut": cut, "generation_seconds": generation_seconds,
+            "train_seconds": time.time() - started - generation_seconds})
+    evaluate_and_complete(run, it, policy)
 
 
 def start_model(run: Run) -> None:
@@ -149,13 +151,14 @@ def start_model(run: Run) -> None:
     if it.complete:
         return
     config = run.config
-    if config.sft_epochs > 0 or config.embedded:
+    if it.trained:  # a run stopped while evaluating θ_0: only that is left
+        policy = load_policy(run, it.checkpoint)
+    elif config.sft_epochs > 0 or config.embedded:
         policy = sft_warmup(run, it)
     else:
         files.write_json(it.path / "source.json", {"model": config.model})
         policy = load_policy(run, model_path(run, 0))
-    files.write_json(it.path / "eval.json", evaluate(run, policy))
-    it.mark_complete()
+    evaluate_and_complete(run, it, policy)
 
 
 def sft_warmup(run: Run, it: rundir.IterationDir):
@@ -178,8 +181,9 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
                                epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
                                state_dir=it.trainer_state, log=metrics_log(run, it), desc="SFT warm-up",
                                fingerprint=sft_fingerprint)
-        save_policy(run, policy, data, it.checkpoint, phase="SFT warm-up")
-        files.write_json(it.path / "train_summary.json", result)
+        with preemption.deferred():
+            save_policy(run, policy, data, it.checkpoint, phase="SFT warm-up")
+            files.write_json(it.path / "train_summary.json", result)
         return policy
     steps_per_epoch = len(run.encoded) // config.global_batch_size
     history = it.read("sft_epochs.json") or []
@@ -295,7 +299,9 @@ def make_objective(config: IrisConfig, alpha: float):
 
 
 def metrics_log(run: Run, it: rundir.IterationDir) -> MetricsLog:
-    """This phase's `metrics.jsonl` (and TensorBoard events), without the steps a resume redoes."""
+    """This phase's `metrics.jsonl` (and TensorBoard events), without the steps a resume redoes
+    (after setting a damaged trainer state aside: the phase then restarts)."""
+    train_state.set_aside_if_damaged(it.trainer_state, log)
     tensorboard = run.dir / "tensorboard" if run.config.report_to == "tensorboard" else None
     return MetricsLog(it.path / "metrics.jsonl", it.t, resume_step=train_state.saved_step(it.trainer_state),
                       tensorboard_dir=tensorboard, step_offset=_steps_before(run, it.t))
@@ -313,6 +319,11 @@ def save_policy(run: Run, policy, data: trainer.TrainingData, path: Path, *, pha
         raise TrainingFailure(f"{phase}: non-finite log-probs after the last optimizer step; not saved, the previous "
                               "checkpoint is intact (lower the learning rate)")
     models.save_checkpoint(policy, path, run.tokenizer)
+
+
+def evaluate_and_complete(run: Run, it: rundir.IterationDir, policy) -> None:
+    files.write_json(it.path / "eval.json", evaluate(run, policy))
+    it.mark_complete()
 
 
 def evaluate(run: Run, policy) -> dict:
@@ -340,7 +351,8 @@ def setup(config: IrisConfig) -> Optional[Run]:
     device = (info.device if info.world_size > 1 else torch.device(config.device)) \
         if str(config.device).startswith("cuda") else torch.device("cpu")
     try:
-        verdict = rundir.check_output_dir(Path(config.output_dir), resume=config.resume, overwrite=config.overwrite)
+        verdict = rundir.check_output_dir(Path(config.output_dir), resume=config.resume, overwrite=config.overwrite,
+                                          config=config.to_dict())
         if not config.embedded:
             models.check_model_source(config.model, config.trust_remote_code)
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
@@ -364,6 +376,7 @@ def setup(config: IrisConfig) -> Optional[Run]:
         return None
     from iris_ref.config import saved_payload
 
+    session.lock = rundir.lock(session.dir, resume=config.resume, overwrite=config.overwrite, config=config.to_dict())
     rundir.prepare(session.dir, verdict, saved_payload(config), data_digest(examples, encoded))
     _set_seed(config.seed)
     return session
@@ -396,19 +409,20 @@ def load_data(config: IrisConfig, chat):
             f"{skips.first['template_error']}")
     validation = []
     if config.sft_validation_size and len(kept) >= config.global_batch_size:
-        if config.sft_validation_size >= len(kept):
-            raise ValueError(f"dataset {source}: --sft-validation-size {config.sft_validation_size} (the rows held out "
-                             f"for the warm-up's early stopping) leaves none of the {len(kept)} usable prompts for "
-                             "training; lower it, or 0 to stop on the held-out data")
-        held = set(np.random.default_rng(config.seed + 1).permutation(len(kept))[:config.sft_validation_size].tolist())
+        size = validation_rows(config.sft_validation_size, len(kept))
+        if len(kept) - size < config.global_batch_size:
+            raise ValueError(f"dataset {source}: --sft-validation-size {config.sft_validation_size:g} holds out {size} of "
+                             f"the {len(kept)} usable prompts (for the warm-up's early stopping), leaving fewer than "
+                             f"--global-batch-size {config.global_batch_size} to train on; lower it, or 0 to stop on "
+                             "the held-out data")
+        held = set(np.random.default_rng(config.seed + 1).permutation(len(kept))[:size].tolist())
         validation = [ex for i, ex in enumerate(kept) if i in held]
         kept, encoded = [ex for i, ex in enumerate(kept) if i not in held], [s for i, s in enumerate(encoded) if i not in held]
     log(f"data: {len(kept)} prompts from {source} (skipped: {skips.describe()}"
         + (f"; {len(validation)} more held out for the warm-up's early stopping)" if validation else ")"))
     if len(kept) < config.global_batch_size:
-        held_out = f", {len(validation)} held out by --sft-validation-size" if validation else ""
         raise ValueError(
-            f"dataset {source}: {len(kept)} usable prompts (skipped: {skips.describe()}{held_out}) are fewer than "
+            f"dataset {source}: {len(kept)} usable prompts (skipped: {skips.describe()}) are fewer than "
             f"--global-batch-size {config.global_batch_size}, so not one optimizer step fits; lower "
             f"--global-batch-size (and --micro-batch-size) or give more data")
     eval_source = config.eval_dataset or (str(tiny.TOY_HELDOUT_PATH) if config.dataset is None else None)
@@ -421,6 +435,33 @@ def load_data(config: IrisConfig, chat):
     else:
         log("held-out: none (no --eval-dataset): iterations are not evaluated")
     return kept, encoded, heldout, validation
+
+
+def verify_resume_point(run: Run) -> None:
+    """On --resume, the checkpoint the run continues from (the last one saved) is checked against the
+    SHA256SUMS written with it; a damaged one (truncated, altered) reopens its iteration, which is
+    made again from the checkpoint before it (checked the same way), saying so in one line."""
+    if not run.config.resume:
+        return
+    its = [rundir.IterationDir(run.dir / f"iter_{t}", t) for t in range(run.config.iters + 1)]
+    t = next((t for t, it in enumerate(its) if not it.complete), len(its))  # the first not complete
+    t = t if t < len(its) and its[t].trained else t - 1                   # the last one saved
+    while t >= 0:
+        it = rundir.IterationDir(run.dir / f"iter_{t}", t)
+        problem = files.verify_directory(it.checkpoint) if it.checkpoint.exists() else None  # θ_0 may be the given model
+        if problem in (None, "unverified"):
+            return
+        log(f"{it.checkpoint}: {problem}; iteration {t} is made again"
+            + (f" from iteration {t - 1}'s checkpoint" if t > 0 else ""))
+        it.reopen()
+        t -= 1
+
+
+def validation_rows(size: float, usable: int) -> int:
+    """The rows `--sft-validation-size` holds out of `usable` ones: a fraction (< 1) of them, at
+    least `MIN_VALIDATION_ROWS` (the embedded 0.1 of the toy task's 2000 rows is the 200 it has
+    always held out), or a number of rows as given."""
+    return int(size) if size >= 1 else max(round(size * usable), MIN_VALIDATION_ROWS)
 
 
 def model_path(run: Run, t: int):
@@ -509,9 +550,23 @@ def build_summary(run_dir: Path, config: IrisConfig) -> dict:
         entries.append(entry)
     model = "tiny (embedded default)" if config.embedded else config.model
     schedule = f", {config.alpha_schedule} alpha" if config.loss == "iris" else ""
-    return {"title": f"{model}: {config.loss.upper()}{schedule}, K={config.num_synthetic}", "loss": config.loss,
+    title = f"{model} on {data_title(config)}: {config.loss.upper()}{schedule}, K={config.num_synthetic}"
+    return {"title": title, "loss": config.loss,
             "model": config.model, "run_dir": str(run_dir), "has_heldout": any("heldout_nll" in e for e in entries),
             "iterations": entries}
+
+
+def data_title(config: IrisConfig) -> str:
+    """The training and held-out data as the report's title names them: a local file by its name,
+    a hub dataset (or a local folder) by its name and split."""
+    def name(source, split):
+        shown = Path(source).name if is_local(source) else source
+        return shown if Path(source).suffix.lower() in data_lib.LOCAL_BUILDERS else f"{shown} [{split}]"
+
+    trained = "the toy task" if config.dataset is None else name(config.dataset, config.split)
+    if config.eval_dataset is not None:
+        return f"{trained}, held out: {name(config.eval_dataset, config.eval_split)}"
+    return trained if config.dataset is None else f"{trained}, no held-out data"  # the toy task has its own
 
 
 def _one_line(exc: BaseException) -> str:

@@ -6,8 +6,9 @@ the step, the metric history, each rank's RNG state and a *fingerprint* of what 
 trained (loss, α, β, data size, batch sizes, seed, optimizer, learning rate). The number of
 processes is not part of it: the data order and the micro-batches do not depend on it, so a
 state saved by 8 ranks resumes on 4 (or on one) with the same gradients. It
-is written as one atomic folder, then the `LATEST` pointer is replaced, then older states
-are removed: disk holds at most one complete state plus the one being written (about 25 GB
+is written as one atomic folder with a SHA256SUMS written last inside it (a resume verifies it
+and sets a damaged state aside: `set_aside_if_damaged`), then the `LATEST` pointer is replaced,
+then older states are removed: disk holds at most one complete state plus the one being written (about 25 GB
 each at 3B with RMSprop, 37 GB with AdamW).
 
 When to save (`Saver`): every `save_steps` optimizer steps if set, and whenever
@@ -18,16 +19,18 @@ On CPU a resumed run equals an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from iris_ref import distributed, files
+from iris_ref.errors import TrainingFailure
 
 STATE_FORMAT = 2
 
@@ -69,6 +72,28 @@ def latest(state_dir: Optional[Path]) -> Optional[Path]:
     return path if (path / "trainer.pt").is_file() else None
 
 
+def set_aside_if_damaged(state_dir: Optional[Path], log: Callable[[str], None]) -> None:
+    """Verify the latest state against the SHA256SUMS written last inside it; a damaged one (a
+    truncated or altered file) is renamed `damaged_step_XXXXXXXX` and the phase restarts from
+    its last good state, its beginning, saying so in one line. Call before training on every rank."""
+    path = latest(state_dir)
+    problem = None
+    if path is not None and distributed.is_main_process():
+        problem = files.verify_directory(path)
+        problem = None if problem == "unverified" else problem  # a state from before checksums
+    problem = distributed.broadcast_object(problem)
+    if problem is None:
+        return
+    aside = path.with_name(f"damaged_{path.name}")
+    if distributed.is_main_process():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        (Path(state_dir) / "LATEST").unlink()
+    distributed.barrier()
+    log(f"{path}: {problem}; the trainer state is set aside as {aside.name} and this phase restarts from its "
+        "beginning (its last good state)")
+
+
 def saved_step(state_dir: Optional[Path]) -> Optional[int]:
     """The optimizer step a resume from `state_dir` starts after, or None (no state)."""
     path = latest(state_dir)
@@ -81,14 +106,14 @@ def save(state_dir: Path, policy, optimizer, scheduler, *, step: int, order, his
     optim_state = distributed.optimizer_state_dict(policy, optimizer)
     rngs = distributed.all_gather_objects([_rng_state()])  # each rank's generators
     name = f"step_{step:08d}"
-    with files.atomic_directory(Path(state_dir) / name) as tmp:
+    with files.atomic_directory(Path(state_dir) / name, checksums=True) as tmp:
         if tmp is not None:
-            torch.save(model_state, tmp / "model.pt")
-            torch.save(optim_state, tmp / "optimizer.pt")
+            files.torch_save(model_state, tmp / "model.pt")
+            files.torch_save(optim_state, tmp / "optimizer.pt")
             for rank, rng in enumerate(rngs):
-                torch.save(rng, tmp / f"rng_rank{rank}.pt")
-            torch.save({"format": STATE_FORMAT, "step": step, "scheduler": scheduler.state_dict(), "order": order,
-                        "history": history, "fingerprint": fingerprint}, tmp / "trainer.pt")
+                files.torch_save(rng, tmp / f"rng_rank{rank}.pt")
+            files.torch_save({"format": STATE_FORMAT, "step": step, "scheduler": scheduler.state_dict(), "order": order,
+                              "history": history, "fingerprint": fingerprint}, tmp / "trainer.pt")
     files.write_text(Path(state_dir) / "LATEST", name + "\n")
     if distributed.is_main_process():
         for old in Path(state_dir).glob("step_*"):
@@ -106,8 +131,6 @@ def resume(state_dir: Optional[Path], policy, optimizer, scheduler, fingerprint:
     trainer_state = files.load_tensors(path / "trainer.pt")
     saved = trainer_state["fingerprint"]
     if saved != fingerprint:
-        from iris_ref.trainer import TrainingFailure
-
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         raise TrainingFailure(f"cannot resume from {path}: it was saved with different {', '.join(changed)} "
                               "(delete that folder to start this iteration afresh)")

@@ -53,14 +53,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from iris_ref import distributed, train_state
+from iris_ref import distributed, preemption, train_state
+from iris_ref.errors import Interrupted, TrainingFailure
 from iris_ref.logprobs import forward_logps
 from iris_ref.metrics import objective_metrics, summarise
 from iris_ref.progress import Progress
-
-
-class TrainingFailure(RuntimeError):
-    """The run cannot go on; the last good checkpoint and trainer state are intact (CLI: exit 1)."""
 
 
 class NonFiniteLossError(TrainingFailure):
@@ -147,7 +144,9 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    with training_mode(policy, config.gradient_checkpointing), Progress(total, desc, unit="steps", initial=start) as bar:
+    # A termination signal is only recorded here; the step boundary below saves the state and stops.
+    with training_mode(policy, config.gradient_checkpointing), preemption.deferred(), \
+            Progress(total, desc, unit="steps", initial=start) as bar:
         for step in range(start + 1, stop + 1):
             epoch, k = divmod(step - 1, steps_per_epoch)
             prompts = order[epoch][k * G:(k + 1) * G].tolist()
@@ -169,10 +168,13 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
             history.append(out)
             log(dict(out))
             bar.update(1)
-            if state_dir is not None and (saver.due(step) or step == stop < total):
+            stopping = preemption.stop_requested()  # SIGTERM/SIGUSR1 on any rank
+            if state_dir is not None and (saver.due(step) or step == stop < total or stopping):
                 train_state.save(state_dir, policy, optimizer, scheduler, step=step, order=order, history=history,
                                  fingerprint=fingerprint)
                 saver.saved()
+            if stopping:
+                raise Interrupted(stopping)
     return {**summarise(history), "resumed_from_step": start, "total_steps": total}
 
 

@@ -99,8 +99,8 @@ def _bad_inputs(tmp_path):
         (["--dataset", str(garbage)], "cannot read"),
         (["--dataset", str(no_assistant)], "no valid rows"),
         (["--dataset", str(few)], "28 usable prompts"),
-        (["--num-samples", "230"], "30 usable prompts (skipped: none, 200 held out by --sft-validation-size)"),
-        (["--num-samples", "150"], "leaves none of the 150 usable prompts"),
+        (["--num-samples", "230", "--sft-validation-size", "200"], "holds out 200 of the 230 usable prompts"),
+        (["--num-samples", "60"], "--sft-validation-size 0.1 holds out 32 of the 60 usable prompts"),  # the floor
         (["--num-samples", "10"], "fewer than --global-batch-size 32"),
         (["--max-prompt-length", "4", "--max-length", "48"], "0 usable prompts (skipped: too_long=2000)"),
         (["--alpha-schedule", "constant", "--alpha", "-0.5"], "--alpha must be > 0"),
@@ -124,6 +124,19 @@ def test_each_bad_input_gives_one_line_exit_2_and_leaves_the_folder_as_it_was(tm
     existing.mkdir()
     assert run_iris.main(["--num-samples", "10", "--output-dir", str(existing)]) == 2
     assert list(existing.iterdir()) == []
+
+
+def test_a_folder_holding_another_run_is_not_offered_resume(tmp_path, capsys):
+    from iris_ref import rundir
+    from iris_ref.config import parse_config, saved_payload
+
+    out = tmp_path / "toy"
+    rundir.prepare(out, "fresh", saved_payload(parse_config(["--output-dir", str(out)])))
+    assert run_iris.main(["--loss", "spin", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds another run (--loss 'spin' (the run has 'iris'))" in err and "--resume" not in err
+    assert run_iris.main(["--output-dir", str(out)]) == 2
+    assert "add --resume to continue it" in capsys.readouterr().err
 
 
 def test_resume_of_nothing_is_an_error_not_a_fresh_run(tmp_path, capsys):

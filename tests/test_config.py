@@ -105,6 +105,9 @@ def test_shipped_configs_parse_by_name_and_by_path(tmp_path, monkeypatch):
     (["--config", "/definitely/missing.yaml"], "config file not found"),
     (["--model", "m", "--sft-patience", "2"], "--sft-patience needs --sft-epochs"),
     (["--dataset", "mine.jsonl", "--sft-patience", "2", "--sft-validation-size", "0"], "--sft-patience stops on held-out NLL"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--sft-validation-size", "-0.1"], "--sft-validation-size must be a fraction in (0, 1) or a whole number of rows"),
+    (["--sft-validation-size", "20.5"], "--sft-validation-size must be a fraction in (0, 1) or a whole number of rows"),
 ])
 def test_bad_options_give_one_line_errors(argv, fragment, tmp_path):
     if "--resume" in argv:
@@ -144,6 +147,41 @@ def test_default_output_folders_do_not_collide():
     assert names == {"x-iter_0-checkpoint", "x-iter_1-checkpoint", "x-iter_2-checkpoint"}
     assert default_run_name("./my_sft_model") == "my_sft_model"
     assert default_run_name("runs/x/iter_3/checkpoint") == "x-iter_3-checkpoint"  # a path even if it does not exist
+
+
+def test_the_default_output_folder_names_data_other_than_the_models_default(tmp_path, monkeypatch):
+    """A run on one's own data does not land in the default run's folder (issue 16)."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    assert parse_config([]).output_dir == str(runs / "tiny-iris")
+    assert parse_config(["--dataset", "mydata.jsonl"]).output_dir == str(runs / "tiny-mydata-iris")
+    assert parse_config(["--model", "Qwen/Qwen2.5-3B"]).output_dir == str(runs / "Qwen2.5-3B-iris")
+    assert parse_config(["--model", "Qwen/Qwen2.5-3B", "--dataset", "data/mydata.parquet", "--loss", "spin"]
+                        ).output_dir == str(runs / "Qwen2.5-3B-mydata-spin")
+    assert parse_config(["--model", "m", "--dataset", "org/chat"]).output_dir == str(runs / "m-chat-iris")
+    # generic file names take their parents along, as checkpoints do
+    assert default_run_name(None, "runs/x/iter_1/synthetic.jsonl") == "tiny-x-iter_1-synthetic"
+    assert default_run_name(None, "/data/project/train.jsonl") == "tiny-project-train"
+
+
+def test_a_saved_dataset_folder_is_local_data(tmp_path, monkeypatch):
+    """A folder written by save_to_disk is a local path (made absolute); its splits default to
+    train and, for held-out data, test (a saved DatasetDict's, as the hub default's test_sft)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "saved").mkdir()
+    config = parse_config(["--dataset", "saved", "--eval-dataset", "saved"])
+    assert config.dataset == config.eval_dataset == str(tmp_path / "saved")
+    assert (config.split, config.eval_split) == ("train", "test")
+    assert config.output_dir == str(tmp_path / "runs" / "tiny-saved-iris")
+    assert parse_config(["--dataset", "saved", "--split", "train_sft"]).split == "train_sft"
+    (tmp_path / "held.jsonl").write_text("{}\n")
+    assert parse_config(["--dataset", "saved", "--eval-dataset", "held.jsonl"]).eval_split == "train"  # a file: any
+
+
+def test_validation_size_is_a_fraction_or_a_count():
+    assert parse_config([]).sft_validation_size == 0.1  # embedded: 200 of the toy task's 2000 rows
+    assert parse_config(["--sft-validation-size", "64"]).sft_validation_size == 64
+    assert parse_config(["--sft-validation-size", "0"]).sft_validation_size is None
 
 
 def test_paths_are_made_absolute(tmp_path, monkeypatch):

@@ -90,10 +90,63 @@ def test_same_prompt_with_other_chosen_answers_is_kept(tmp_path):
     assert [e.response for e in examples] == ["a", "b"] and counts.total == 0
 
 
-def test_repeated_rows_of_other_formats_are_kept(tmp_path):
-    for row in ({"messages": [user("q"), assistant("a")]}, {"prompt": "q", "completion": "a"}):
-        examples, counts = load_examples(write_jsonl(tmp_path / "r.jsonl", [row, row]))
-        assert len(examples) == 2 and counts.total == 0
+@pytest.mark.parametrize("row", [{"messages": [user("q"), assistant("a")]}, {"prompt": "q", "completion": "a"},
+                                 {"prompt": "q", "chosen": "a", "rejected": "x"}], ids=["messages", "completion", "pref"])
+def test_one_duplicate_rule_in_every_format(tmp_path, row):
+    """An example (prompt turns and response) already kept is a duplicate, whatever the format."""
+    other = {**row, "messages": [user("q"), assistant("b")]} if "messages" in row else {**row, "prompt": "q2"}
+    examples, counts = load_examples(write_jsonl(tmp_path / "r.jsonl", [row, other, row, row]))
+    assert len(examples) == 2 and counts == SkipCounts(duplicate=2)
+    # rows that differ only in what is not read give one example too (first turn: the later turns)
+    longer = [{"messages": [user("q"), assistant("a"), user(f"q{i}"), assistant(f"a{i}")]} for i in range(3)]
+    first, counts = load_examples(write_jsonl(tmp_path / "m.jsonl", longer), first_turn=True)
+    assert len(first) == 1 and counts.duplicate == 2
+    assert len(load_examples(str(tmp_path / "m.jsonl"), first_turn=False)[0]) == 3
+
+
+def test_the_toy_tasks_keep_their_repeats(tmp_path):
+    """The toy files are draws from a known answer distribution: their repeats are that
+    distribution and are kept; the same rows elsewhere are someone's data, deduplicated."""
+    from iris_ref.tiny import TOY_LONG_TRAIN_PATH, TOY_TRAIN_PATH
+
+    for toy in (TOY_TRAIN_PATH, TOY_LONG_TRAIN_PATH):
+        examples, counts = load_examples(str(toy))
+        assert len(examples) == 2000 and counts.total == 0
+        copy = tmp_path / toy.name
+        copy.write_text(toy.read_text())
+        distinct, counts = load_examples(str(copy))
+        assert len(distinct) == len({(e.prompt_messages[0]["content"], e.response) for e in examples}) < 2000
+        assert counts == SkipCounts(duplicate=2000 - len(distinct))
+
+
+# --- a folder written by save_to_disk ---------------------------------------------------------
+
+
+def test_a_saved_dataset_folder_is_read_with_its_split(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_list([{"messages": [user("q"), assistant("a")]}])
+    test = datasets.Dataset.from_list([{"prompt": "t", "completion": "b"}])  # each split its own format
+    train.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dict"))
+    for split in ("train", "anything"):  # a saved Dataset is whatever split is asked for, like a file
+        assert load_examples(str(tmp_path / "one"), split=split)[0] == [Example([user("q")], "a")]
+    assert load_examples(str(tmp_path / "dict"), split="test")[0] == [Example([user("t")], "b")]
+    with pytest.raises(ValueError, match="has no split 'train_sft' \\(its splits: train, test\\): choose one with "
+                                         "--split or --eval-split") as info:
+        load_examples(str(tmp_path / "dict"), split="train_sft")
+    assert "\n" not in str(info.value)
+
+
+def test_any_other_folder_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"messages": [user("q"), assistant("a")]}])
+    write_jsonl(folder / "b.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(ValueError, match="was not written by datasets' save_to_disk .*give such a folder, a "
+                                         "\\.json/\\.jsonl/\\.parquet file or a hub name") as info:
+        load_examples(str(folder))
+    assert "\n" not in str(info.value) and str(folder) in str(info.value)
 
 
 def test_messages_column_takes_precedence(tmp_path):
