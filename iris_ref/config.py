@@ -33,15 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from iris_ref import rundir
+from iris_ref.errors import ConfigError
+
 LOSSES = ("iris", "spin", "space", "spif")
 MIN_VALIDATION_ROWS = 32  # --sft-validation-size as a fraction: an NLL over fewer rows is mostly noise
 DEFAULT_HUB_DATASET = "HuggingFaceH4/ultrachat_200k"  # SPIN: UltraChat-200k, first turn, train_sft
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: found from any folder
 EMBEDDED_CONFIG = SHIPPED_CONFIGS / "tiny.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad or contradictory option; its message is one line, shown as `error: <message>`."""
 
 
 def _opt(default, help_text: str, group: str, source: str = "", **extra):
@@ -532,8 +531,6 @@ def parse_config(argv: Optional[list[str]] = None) -> IrisConfig:
 
 def resume_config(options: dict[str, Any]) -> IrisConfig:
     """The saved config of the run in `--output-dir`, plus the resumable options given now."""
-    from iris_ref import rundir
-
     if options.get("output_dir") is None:
         raise ConfigError("--resume needs --output-dir: the folder of the run to continue")
     run_dir = Path(options["output_dir"]).expanduser().resolve()
@@ -560,6 +557,19 @@ def resume_config(options: dict[str, Any]) -> IrisConfig:
     config = config_from_dict(values)
     config.validate()
     return config
+
+
+def saved_differences(run_dir: Path, config: dict[str, Any]) -> list[str]:
+    """How the run in `run_dir` differs from `config` (`IrisConfig.to_dict()`) in what it computes:
+    each option outside `RESUMABLE_CHANGES` whose saved value differs, as `--loss 'iris' (the run
+    has 'spin')`; empty when `--resume` continues the same computation. The template date is left
+    out: unless given it is today's, and a resume keeps the run's own."""
+    try:
+        saved = rundir.read_saved_config(run_dir)
+    except ConfigError:
+        return ["its config.json cannot be read"]  # --resume would be refused too
+    return [f"{_flag(name)} {value!r} (the run has {saved[name]!r})" for name, value in config.items()
+            if name in saved and name not in RESUMABLE_CHANGES and name != "template_date" and saved[name] != value]
 
 
 def config_from_dict(values: dict[str, Any]) -> IrisConfig:

@@ -27,10 +27,10 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from iris_ref import distributed, files
-from iris_ref.errors import InputError
+from iris_ref.errors import ConfigError, InputError
 
 MARKER = ".iris-run"
 LOCK = ".iris-run.lock"
@@ -108,14 +108,15 @@ class RunLock:
         self.release()
 
 
-def lock(run_dir: Path, *, resume: bool, overwrite: bool, config: Optional[dict] = None) -> RunLock:
+def lock(run_dir: Path, *, resume: bool, overwrite: bool,
+         differ: Optional[Callable[[Path], list[str]]] = None) -> RunLock:
     """Take the run folder's lock on rank 0 (every rank gets its `RunDirError`) and decide again,
     under the lock, what to do with the folder (another run may have written it meanwhile)."""
     held, error = RunLock(run_dir), None
     if distributed.is_main_process():
         try:
             held.acquire()
-            check_output_dir(run_dir, resume=resume, overwrite=overwrite, config=config, holding_lock=True)
+            check_output_dir(run_dir, resume=resume, overwrite=overwrite, differ=differ, holding_lock=True)
         except RunDirError as exc:
             held.release()
             error = str(exc)
@@ -152,8 +153,6 @@ def is_run(path: Path) -> bool:
 
 def read_saved_config(run_dir: Path) -> dict[str, Any]:
     """The config a run was started with; `ConfigError` (one line) when no run is there."""
-    from iris_ref.config import ConfigError
-
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise ConfigError(f"--resume: {run_dir} does not exist; there is no run to continue (drop --resume to start one)")
@@ -166,14 +165,14 @@ def read_saved_config(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume: cannot read {saved}: {exc}") from None
 
 
-def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool, config: Optional[dict] = None,
-                     holding_lock: bool = False) -> str:
+def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool,
+                     differ: Optional[Callable[[Path], list[str]]] = None, holding_lock: bool = False) -> str:
     """What to do with `run_dir`: "fresh", "resume" or "overwrite"; `RunDirError` otherwise.
 
     Decides only; nothing is written or deleted here (the driver calls it before heavy work).
-    `config` (this run's resolved options, `IrisConfig.to_dict()`) makes the advice for a folder
-    that already holds a run right: `--resume` is suggested only when that run computes the same
-    (`differences`), else another `--output-dir`.
+    `differ(run_dir)` (`config.saved_differences` bound to this run's options) makes the advice
+    for a folder that already holds a run right: `--resume` is suggested only when that run
+    computes the same, else another `--output-dir`.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -192,9 +191,9 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool, config: Op
             f"--output-dir {run_dir} is not empty and was not created by iris-ref (no {MARKER} marker); "
             "nothing was touched: choose an empty or new folder")
     if not overwrite:
-        differ = differences(run_dir, config) if config is not None else []
-        if differ:
-            shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+        differing = differ(run_dir) if differ is not None else []
+        if differing:
+            shown = "; ".join(differing[:3]) + (f"; and {len(differing) - 3} more" if len(differing) > 3 else "")
             raise RunDirError(f"--output-dir {run_dir} already holds another run ({shown}): choose another "
                               "--output-dir (--overwrite would delete that run)")
         raise RunDirError(f"--output-dir {run_dir} already holds a run: add --resume to continue it, or --overwrite "
@@ -205,21 +204,6 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool, config: Op
         raise RunDirError(f"--overwrite: {run_dir} also holds files iris-ref did not write ({shown}); nothing was "
                           "deleted: move them away or choose another --output-dir")
     return "overwrite"
-
-
-def differences(run_dir: Path, config: dict) -> list[str]:
-    """How the run in `run_dir` differs from `config` in what it computes: each option outside
-    `config.RESUMABLE_CHANGES` whose saved value differs, as `--loss 'iris' (the run has 'spin')`:
-    empty when `--resume` continues the same computation. The template date is left out: unless
-    given it is today's, and a resume keeps the run's own."""
-    from iris_ref.config import RESUMABLE_CHANGES, ConfigError
-
-    try:
-        saved = read_saved_config(run_dir)
-    except ConfigError:
-        return ["its config.json cannot be read"]  # --resume would be refused too
-    return [f"--{name.replace('_', '-')} {value!r} (the run has {saved[name]!r})" for name, value in config.items()
-            if name in saved and name not in RESUMABLE_CHANGES and name != "template_date" and saved[name] != value]
 
 
 def check_same_data(run_dir: Path, digest: dict) -> None:

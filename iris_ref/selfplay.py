@@ -39,7 +39,7 @@ import torch
 from iris_ref import chat as chat_lib
 from iris_ref import data as data_lib
 from iris_ref import distributed, files, models, preemption, rundir, train_state, trainer
-from iris_ref.config import MIN_VALIDATION_ROWS, IrisConfig, is_local, parse_template_kwargs
+from iris_ref.config import MIN_VALIDATION_ROWS, IrisConfig, is_local, parse_template_kwargs, saved_differences
 from iris_ref.metrics import MetricsLog
 from iris_ref.objectives import get_objective
 from iris_ref.schedule import AlphaSchedule, per_token_scores
@@ -351,8 +351,9 @@ def setup(config: IrisConfig) -> Optional[Run]:
     device = (info.device if info.world_size > 1 else torch.device(config.device)) \
         if str(config.device).startswith("cuda") else torch.device("cpu")
     try:
+        differ = functools.partial(saved_differences, config=config.to_dict())
         verdict = rundir.check_output_dir(Path(config.output_dir), resume=config.resume, overwrite=config.overwrite,
-                                          config=config.to_dict())
+                                          differ=differ)
         if not config.embedded:
             models.check_model_source(config.model, config.trust_remote_code)
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
@@ -376,7 +377,7 @@ def setup(config: IrisConfig) -> Optional[Run]:
         return None
     from iris_ref.config import saved_payload
 
-    session.lock = rundir.lock(session.dir, resume=config.resume, overwrite=config.overwrite, config=config.to_dict())
+    session.lock = rundir.lock(session.dir, resume=config.resume, overwrite=config.overwrite, differ=differ)
     rundir.prepare(session.dir, verdict, saved_payload(config), data_digest(examples, encoded))
     _set_seed(config.seed)
     return session

@@ -72,7 +72,9 @@ def test_an_existing_run_is_resumed_only_when_it_computes_the_same(tmp_path):
     saved config agrees outside RESUMABLE_CHANGES), else another --output-dir (issue 16)."""
     import json
 
-    from iris_ref.config import parse_config
+    from functools import partial
+
+    from iris_ref.config import parse_config, saved_differences
 
     run = tmp_path / "run"
     saved = parse_config(["--output-dir", str(run)]).to_dict()
@@ -80,18 +82,18 @@ def test_an_existing_run_is_resumed_only_when_it_computes_the_same(tmp_path):
     (run / "iter_0").mkdir()
     same = {**saved, "iters": 5, "threads": 2, "template_date": "2000-01-01"}  # resumable, or kept by a resume
     with pytest.raises(RunDirError, match="add --resume to continue it"):
-        check_output_dir(run, resume=False, overwrite=False, config=same)
+        check_output_dir(run, resume=False, overwrite=False, differ=partial(saved_differences, config=same))
     other = parse_config(["--dataset", "mine.jsonl", "--loss", "spin", "--output-dir", str(run)]).to_dict()
     with pytest.raises(RunDirError) as info:
-        check_output_dir(run, resume=False, overwrite=False, config=other)
+        check_output_dir(run, resume=False, overwrite=False, differ=partial(saved_differences, config=other))
     message = str(info.value)
     assert "already holds another run" in message and "--loss 'spin' (the run has 'iris')" in message
     assert "--dataset" in message and "choose another --output-dir (--overwrite would delete that run)" in message
     assert "--resume" not in message and "\n" not in message
-    assert check_output_dir(run, resume=False, overwrite=True, config=other) == "overwrite"  # as asked
+    assert check_output_dir(run, resume=False, overwrite=True, differ=partial(saved_differences, config=other)) == "overwrite"  # as asked
     (run / "config.json").unlink()  # a run stopped before its config was written: --resume would be refused
     with pytest.raises(RunDirError, match="another run \\(its config.json cannot be read\\)"):
-        check_output_dir(run, resume=False, overwrite=False, config=same)
+        check_output_dir(run, resume=False, overwrite=False, differ=partial(saved_differences, config=same))
 
 
 def test_a_completed_iteration_drops_its_trainer_state_only_after_complete(tmp_path):
