@@ -313,12 +313,9 @@ def check_backend(backend: str, device: str) -> None:
 def _make_lm(checkpoint: Checkpoint, args):
     from lm_eval.api.registry import get_model
 
-    if args.backend == "vllm":
-        model_args = {"pretrained": str(checkpoint.path), "dtype": args.dtype}
-        extra = {"batch_size": args.batch_size}
-    else:
-        model_args = {"pretrained": str(checkpoint.path), "dtype": args.dtype}
-        extra = {"batch_size": args.batch_size, "device": args.device}
+    model_args = {"pretrained": str(checkpoint.path), "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    extra = {"batch_size": args.batch_size} if args.backend == "vllm" else \
+        {"batch_size": args.batch_size, "device": args.device}
     return get_model(args.backend).create_from_arg_obj(model_args, extra)
 
 
@@ -534,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "Default: auto:4 on a GPU, 16 on CPU (the search costs more than it saves there)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float32, ...)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own model code (as run_iris.py's option; off by default)")
     parser.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=True,
                         help="wrap prompts in the model's chat template (default on: self-play "
                              "checkpoints are chat models trained with their template)")

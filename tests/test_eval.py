@@ -227,3 +227,26 @@ def test_unknown_task_and_offline_hub_task_fail_before_loading(tiny_checkpoint, 
         ["--models", model, "--suite", "iris10", "--tasks", "MMLU", "--output", out])
     assert [s.task for s in specs] == ["mmlu"] and specs[0].num_fewshot == 5
     assert math.isclose(len(checkpoints), 1)
+
+
+def test_trust_remote_code_reaches_the_lm_eval_model(tmp_path, monkeypatch):
+    """--trust-remote-code is passed to lm-eval's model for both backends (spied on its loader)."""
+    import types
+
+    import lm_eval.api.registry as registry
+
+    seen = []
+
+    class Recorder:
+        @classmethod
+        def create_from_arg_obj(cls, model_args, extra):
+            seen.append((model_args, extra))
+
+    monkeypatch.setattr(registry, "get_model", lambda name: Recorder)
+    checkpoint = types.SimpleNamespace(path=tmp_path)
+    for backend, flag in (("hf", True), ("vllm", True), ("hf", False)):
+        args = types.SimpleNamespace(backend=backend, dtype="auto", trust_remote_code=flag, batch_size=4, device="cpu")
+        run_eval._make_lm(checkpoint, args)
+    assert [m["trust_remote_code"] for m, _ in seen] == [True, True, False]
+    assert "device" not in seen[1][1] and seen[0][1]["device"] == "cpu"
+    assert run_eval.build_parser().parse_args(["--models", "m", "--output", "o"]).trust_remote_code is False
