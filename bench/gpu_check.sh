@@ -4,8 +4,10 @@
 # Without CUDA it prints one line and exits 0 within seconds.
 #
 # 1. training: the trainer's own IRIS step on a random Qwen2.5-3B-shaped model (RMSprop, global
-#    batch 64, micro-batch 8, scoring pass, length-sorted micro-batches, bf16 autocast,
-#    gradient checkpointing): tokens/s, MFU, peak memory, padding, ratio to packed SFT;
+#    batch 64, micro-batch 8, length-sorted micro-batches, bf16 autocast, gradient checkpointing),
+#    both ways: graphs kept (--scoring-pass never) and the scoring pass (always), against padded
+#    and packed SFT steps: tokens/s, MFU, each step's peak memory above its start against
+#    trainer.graph_memory's estimate, what --scoring-pass auto would decide, padding, ratios;
 # 2. generation: vLLM against transformers tokens/s through generation.generate (where vLLM imports);
 # 3. end to end: one iteration of run_iris.py on a tiny model with each generator.
 set -u
@@ -20,13 +22,15 @@ failed=0
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit}s): $*"
-    if ! timeout "$limit" "$@" 2>&1 | tee "bench/results/gpu_${name}.log" | grep -E "^(training|gpu|generation|end to end)"; then
+    if ! timeout "$limit" "$@" 2>&1 | tee "bench/results/gpu_${name}.log" | grep -E "^(training|gpu|opponent|generation|end to end)"; then
         echo "gpu_check: $name FAILED or produced no summary; see bench/results/gpu_${name}.log"
         failed=1
     fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
-step training 180 python bench/throughput.py --device cuda --model-config bench/configs/qwen2.5-3b-shaped.json --steps 2
+# 4 steps (kept graphs, scoring pass, padded SFT, packed SFT) x (1 warm-up + 2 timed) of ~70k tokens: ~1 min at 40% MFU
+step training 180 python bench/throughput.py --device cuda --model-config bench/configs/qwen2.5-3b-shaped.json --steps 2 \
+    --checkpointing on
 step generation 150 python bench/gpu_generation.py --prompts 256 --max-new-tokens 128
 
 # 3. one end-to-end iteration per generator: a tiny checkpoint, the toy data, the real CLI.

@@ -1,29 +1,39 @@
-"""Training and opponent-pass throughput of the trainer as it runs, against a padding-free SFT step.
+"""Training and opponent-pass throughput of the trainer as it runs, against padded and packed SFT steps.
 
-    python bench/throughput.py                      # CPU, tiny model: ratios (bench/results/throughput.json)
+    python bench/throughput.py --steps 3            # CPU, tiny model: ratios (bench/results/throughput.json)
     python bench/throughput.py --device cuda --model-config bench/configs/qwen2.5-3b-shaped.json
                                                     # GPU: also tokens/s, MFU, peak memory (gpu_throughput.json)
 
-What is measured, side by side in one process, on the same model and the same sequences:
+What is measured, side by side in one process, on the same model and the same sequences, with
+gradient checkpointing off and on (`--checkpointing both`, the CPU default; on CUDA only `on`:
+a 3B micro-batch of 8 prompts does not fit without it):
 
-* **IRIS step**: the body of `iris_ref.trainer.train`'s loop (`accumulate_gradient`, clipping,
-  the optimizer step) with the run's defaults: global batch 64 prompts, micro-batch 8, K = 1,
-  RMSprop, bf16 autocast and gradient checkpointing on CUDA, i.e. the scoring pass, the global
-  IRIS weights, the least-padding micro-batches and their real padding. Its
-  `padding_fraction` is padding tokens / all tokens computed in training.
+* **IRIS step, kept graphs** (`--scoring-pass never`): the body of `iris_ref.trainer.train`'s
+  loop (`accumulate_gradient`, clipping, the optimizer step) with the run's defaults: global
+  batch 64 prompts, micro-batch 8, K = 1, RMSprop, bf16 autocast on CUDA: every micro-batch's
+  forward with gradient, graphs kept, the global IRIS weights, one backward through them; the
+  least-padding micro-batches and their real padding (`padding_fraction`: padding tokens /
+  all tokens computed in training).
+* **IRIS step, scoring pass** (`--scoring-pass always`): the same step with a forward without
+  gradient first and each micro-batch's forward again with gradient: one extra forward.
 * **Padded SFT step**: the same sequences as SFT targets through the same `accumulate_gradient`
-  (same micro-batches, same padding, no scoring pass): `ratio_to_padded_sft` isolates the
-  cost of the scoring pass.
+  (same micro-batches, same padding): the ratios to it isolate what IRIS adds to SFT.
 * **Packed SFT step** ("speed of light" for this hardware): the same sequences, every one
   trained on with plain NLL, packed without padding into rows of at most `max_length` tokens
   (first-fit decreasing; transformers isolates packed sequences from `position_ids`), in as
-  many micro-batches as the IRIS step has, same optimizer and precision. The three steps run
-  interleaved on the same global batches, the order rotating every step.
-* `ratio` = response tokens per second of the IRIS step / the same for the packed SFT step.
-  The scoring pass bounds it: one extra forward per step, about 1/3 of a forward+backward
-  without gradient checkpointing (ratio <= 0.75) and 1/4 with it (<= 0.8).
+  many micro-batches as the IRIS step has, same optimizer, precision and checkpointing.
+  The four steps run interleaved on the same global batches, the order rotating every step.
+* Per checkpointing mode (`training`: off, `training_checkpointed`: on), response tokens per
+  second as ratios: `ratio` = packed SFT / IRIS with the scoring pass, `ratio_to_padded_sft` =
+  padded SFT / the same (these two keep their meaning from before kept graphs existed), and
+  `kept_graphs_ratio`, `kept_graphs_ratio_to_padded_sft` for the IRIS step with kept graphs.
+  Per token, kept graphs cost what padded SFT costs (forward + backward, + recompute when
+  checkpointed); the scoring pass adds a forward: <= 0.75 of SFT without checkpointing, <= 0.8 with.
 * The opponent pass (`logprobs.score_sequences`: sorted by length, batched by a token budget)
   against a packed no-grad forward of the same sequences, and its padding fraction.
+* On CUDA also tokens/s, MFU, each variant's peak memory above the step's start, and
+  `trainer.graph_memory`'s estimate for the kept-graph step with what `--scoring-pass auto`
+  would decide there (its budget: `trainer.memory_budget`).
 
 The length mix is UltraChat-like (DESIGN.md: ~40% padding when shuffled and padded): lognormal
 prompt lengths with median 120 tokens, annotated responses median 280, synthetic responses
@@ -39,6 +49,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -135,16 +147,17 @@ def packed_logps(model, sequences, rows, device, bf16: bool):
 def measure(args) -> dict:
     import torch
 
-    from iris_ref import distributed, trainer
+    from iris_ref import distributed
     from iris_ref.config import parse_config
     from iris_ref.logprobs import score_sequences, token_budget_batches
-    from iris_ref.objectives import iris_loss
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    modes = {"both": [False, True], "on": [True], "off": [False]}[getattr(args, "checkpointing", None) or
+                                                                  ("on" if cuda else "both")]
     config = dataclasses.replace(
         parse_config(["--model", "bench", "--device", "cpu"]), device=args.device, bf16=cuda,
-        gradient_checkpointing=cuda, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, save_minutes=1e9)
     model = build_model(args, device)
     vocab = model.config.vocab_size
@@ -161,58 +174,28 @@ def measure(args) -> dict:
     response_tokens = sum(len(s.input_ids) - s.prompt_length for s in all_sequences) / steps  # per step, on average
     all_tokens = sum(len(s.input_ids) for s in all_sequences) / steps
 
-    # --- three steps on the same global batches, interleaved (the order rotates every step) -----
-    # iris:        the body of trainer.train's loop: accumulate_gradient (scoring pass, global
-    #              weights, least-padding micro-batches), clipping, the optimizer step;
-    # packed_sft:  the same sequences as SFT targets, packed without padding, as many micro-batches;
-    # padded_sft:  the same sequences as SFT targets through accumulate_gradient (the same
-    #              micro-batches and padding, no scoring pass): isolates the scoring pass.
-    objective = functools.partial(iris_loss, alpha=2.0, beta=0.1)
-    optimizer = trainer.make_optimizer(policy, config.optimizer, 1e-7, 0.0)
-    G, accumulation = config.global_batch_size, config.global_batch_size // config.micro_batch_size
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
-    seconds = {"iris": 0.0, "packed_sft": 0.0, "padded_sft": 0.0}
-    padding = []
-
-    def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def iris_step(prompts):
-        padding.append(trainer.accumulate_gradient(policy, data, prompts, objective, config.micro_batch_size, pad,
-                                                   cuda)["padding_fraction"])
-        optimizer_step()
-
-    def packed_sft_step(prompts):
-        sequences = [data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts]
-        rows = pack(sequences, config.max_length)
-        per = -(-len(rows) // accumulation)
-        tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)
-        for j in range(0, len(rows), per):
-            (-packed_logps(model, sequences, rows[j:j + per], device, cuda) / tokens).backward()
-        optimizer_step()
-
-    def padded_sft_step(prompts):
-        sft = trainer.TrainingData([data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts])
-        trainer.accumulate_gradient(policy, sft, list(range(2 * G)), None, 2 * config.micro_batch_size, pad, cuda)
-        optimizer_step()
-
-    variants = {"iris": iris_step, "packed_sft": packed_sft_step, "padded_sft": padded_sft_step}
-    names = list(variants)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    with trainer.training_mode(policy, config.gradient_checkpointing):
-        for step in range(steps):
-            prompts = order[step * G:(step + 1) * G]
-            for name in names[step % 3:] + names[:step % 3]:
-                synchronize(args.device)
-                t0 = time.perf_counter()
-                variants[name](prompts)
-                synchronize(args.device)
-                if step:  # the first step of each is a warm-up
-                    seconds[name] += time.perf_counter() - t0
-    peak_iris = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    result = {
+        "settings": {"device": args.device, "model": args.model_config or "tiny", "steps_timed": args.steps,
+                     "global_batch_size": config.global_batch_size, "micro_batch_size": config.micro_batch_size,
+                     "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+                     "bf16": cuda, "gradient_checkpointing": modes, "optimizer": config.optimizer,
+                     "length_medians": MEDIANS, "length_sigmas": SIGMAS},
+        "tokens_per_step": all_tokens, "response_tokens_per_step": response_tokens,
+    }
+    flops = model_flops(model, all_sequences) / steps if cuda else None
+    for checkpointing in modes:
+        training = measure_training(policy, model, data, config, device, steps, checkpointing,
+                                    getattr(args, "seed_order", config.seed))
+        if cuda:
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), args.peak_tflops)
+            training["gpu"] = {
+                "name": name, "peak_tflops": peak, "parameters": sum(p.numel() for p in model.parameters()),
+                **{f"{k}_tokens_per_s": all_tokens / training[f"{k}_step_s"] for k in STEP_NAMES},
+                **{f"{k}_mfu": flops / training[f"{k}_step_s"] / (peak * 1e12) for k in STEP_NAMES},
+                "mfu_counts": "6*N_body*tokens + 6*V*d*response tokens + 12*L*d*sum(len^2): the training forward+"
+                              "backward only (not the scoring pass, not checkpointing's recompute), for every variant"}
+        result["training_checkpointed" if checkpointing else "training"] = training
 
     # --- the opponent pass against a packed no-grad forward --------------------------------
     batches = token_budget_batches([len(s.input_ids) for s in all_sequences], budget)
@@ -230,34 +213,107 @@ def measure(args) -> dict:
             packed_logps(model, all_sequences, rows[j:j + 8], device, cuda)
     synchronize(args.device)
     packed_time = time.perf_counter() - t0
-
-    iris_step, sft_step, padded_step = (seconds[k] / args.steps for k in ("iris", "packed_sft", "padded_sft"))
-    result = {
-        "settings": {"device": args.device, "model": args.model_config or "tiny", "steps_timed": args.steps,
-                     "global_batch_size": config.global_batch_size, "micro_batch_size": config.micro_batch_size,
-                     "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-                     "bf16": cuda, "gradient_checkpointing": cuda, "optimizer": config.optimizer,
-                     "length_medians": MEDIANS, "length_sigmas": SIGMAS},
-        "tokens_per_step": all_tokens, "response_tokens_per_step": response_tokens,
-        "training": {"padding_fraction": sum(padding) / len(padding), "ratio": sft_step / iris_step,
-                     "ratio_to_padded_sft": padded_step / iris_step, "iris_step_s": iris_step,
-                     "packed_sft_step_s": sft_step, "padded_sft_step_s": padded_step},
-        "opponent_pass": {"padding_fraction": 1 - sum(len(s.input_ids) for s in all_sequences) / computed,
-                          "ratio": packed_time / opponent_time, "seconds": opponent_time, "packed_seconds": packed_time},
-        "limits": "the scoring pass (ratio_to_padded_sft: same padding, no scoring pass), then padding; on CPU the "
-                  "packed reference also pays full-row attention under its block mask",
-    }
-    if cuda:
-        params = sum(p.numel() for p in model.parameters())
-        flops = model_flops(model, all_sequences) / steps
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), args.peak_tflops)
-        result["gpu"] = {"name": name, "peak_tflops": peak, "iris_tokens_per_s": all_tokens / iris_step,
-                         "iris_mfu": flops / iris_step / (peak * 1e12), "packed_sft_mfu": flops / sft_step / (peak * 1e12),
-                         "peak_memory_gib": peak_iris, "parameters": params,
-                         "mfu_counts": "6*N_body*tokens + 6*V*d*response tokens + 12*L*d*sum(len^2): the training "
-                                       "forward+backward only (not the scoring pass, not checkpointing recompute)"}
+    result["opponent_pass"] = {"padding_fraction": 1 - sum(len(s.input_ids) for s in all_sequences) / computed,
+                               "ratio": packed_time / opponent_time, "seconds": opponent_time,
+                               "packed_seconds": packed_time}
+    result["limits"] = LIMITS
     return result
+
+
+# The four steps, in the order of the first measured step (it rotates every step).
+STEP_NAMES = ("iris_kept_graphs", "iris", "padded_sft", "packed_sft")
+LIMITS = ("Kept graphs do the work of padded SFT, so kept_graphs_ratio_to_padded_sft measures what IRIS adds: the "
+          "objective on the gathered log-probs (a few vectors), its all_gather (none in one process), one "
+          "autograd.backward through all graphs instead of one per micro-batch, and holding every micro-batch's graph "
+          "at once. On CPU the last is the only visible cost: glibc returns the kept graphs' memory to the kernel "
+          "after each step and maps it again in the next (minor_page_faults_per_step; with gradient checkpointing "
+          "the graphs are small). The chunked LM head is recomputed in every variant. The scoring pass costs one "
+          "forward more (ratio_to_padded_sft). Padding is the same in all padded variants; packed SFT removes it, "
+          "and on CPU pays full-row attention under its block mask.")
+
+
+def measure_training(policy, model, data, config, device, steps: int, checkpointing: bool, seed_order: int) -> dict:
+    """The four steps on the same global batches (see the module docstring), with or without checkpointing."""
+    import torch
+
+    from iris_ref import trainer
+    from iris_ref.objectives import iris_loss
+
+    cuda, pad = device.type == "cuda", 0
+    objective = functools.partial(iris_loss, alpha=2.0, beta=0.1)
+    optimizer = trainer.make_optimizer(policy, config.optimizer, 1e-7, 0.0)
+    G, accumulation = config.global_batch_size, config.global_batch_size // config.micro_batch_size
+    order = torch.randperm(G * steps, generator=torch.Generator().manual_seed(seed_order)).tolist()
+    seconds = dict.fromkeys(STEP_NAMES, 0.0)
+    peaks = dict.fromkeys(STEP_NAMES, 0.0)
+    faults = dict.fromkeys(STEP_NAMES, 0)  # minor page faults (CPU): fresh memory the kernel had to map
+    padding, estimates, auto, budgets = [], [], [], []
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def iris_step(prompts, mode):
+        if mode == "never" and cuda:  # what --scoring-pass auto would decide at this step, and its budget
+            batch = trainer.GlobalBatch(data, prompts, config.micro_batch_size)
+            memory = trainer.step_graph_memory(policy, batch, cuda)
+            auto.append(trainer.keep_graphs("auto", memory, len(batch.micro_batches), device))
+            budgets.append(trainer.memory_budget(device))
+        out = trainer.accumulate_gradient(policy, data, prompts, objective, config.micro_batch_size, pad, cuda, mode)
+        assert out["scoring_pass"] == (mode == "always")
+        padding.append(out["padding_fraction"])
+        estimates.append(out["graph_memory_gib"])
+        optimizer_step()
+
+    def packed_sft_step(prompts):
+        sequences = [data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts]
+        rows = pack(sequences, config.max_length)
+        per = -(-len(rows) // accumulation)
+        tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)
+        for j in range(0, len(rows), per):
+            (-packed_logps(model, sequences, rows[j:j + per], device, cuda) / tokens).backward()
+        optimizer_step()
+
+    def padded_sft_step(prompts):
+        sft = trainer.TrainingData([data.real[i] for i in prompts] + [data.synthetic[i] for i in prompts])
+        trainer.accumulate_gradient(policy, sft, list(range(2 * G)), None, 2 * config.micro_batch_size, pad, cuda)
+        optimizer_step()
+
+    variants = {"iris_kept_graphs": functools.partial(iris_step, mode="never"),
+                "iris": functools.partial(iris_step, mode="always"),
+                "padded_sft": padded_sft_step, "packed_sft": packed_sft_step}
+    names = list(STEP_NAMES)
+    with trainer.training_mode(policy, checkpointing):
+        for step in range(steps):
+            prompts = order[step * G:(step + 1) * G]
+            for name in names[step % 4:] + names[:step % 4]:
+                synchronize(str(device))
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    start = torch.cuda.memory_allocated(device)
+                t0, faults0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                variants[name](prompts)
+                synchronize(str(device))
+                if step:  # the first step of each is a warm-up
+                    seconds[name] += time.perf_counter() - t0
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+                if cuda:
+                    peaks[name] = max(peaks[name], (torch.cuda.max_memory_allocated(device) - start) / 2**30)
+    timed = steps - 1
+    s = {k: seconds[k] / timed for k in STEP_NAMES}
+    out = {"padding_fraction": sum(padding) / len(padding), "ratio": s["packed_sft"] / s["iris"],
+           "ratio_to_padded_sft": s["padded_sft"] / s["iris"], "iris_step_s": s["iris"],
+           "packed_sft_step_s": s["packed_sft"], "padded_sft_step_s": s["padded_sft"],
+           "kept_graphs_ratio": s["packed_sft"] / s["iris_kept_graphs"],
+           "kept_graphs_ratio_to_padded_sft": s["padded_sft"] / s["iris_kept_graphs"],
+           "kept_graphs_speedup": s["iris"] / s["iris_kept_graphs"], "iris_kept_graphs_step_s": s["iris_kept_graphs"],
+           "kept_graphs_estimate_gib": max(estimates),
+           "minor_page_faults_per_step": {k: faults[k] / timed for k in STEP_NAMES}}
+    if cuda:
+        out.update(peak_memory_above_step_start_gib=peaks, auto_keeps_graphs=auto,
+                   auto_budget_gib=[b / 2**30 for b in budgets])
+    return out
 
 
 def model_flops(model, sequences) -> float:
@@ -299,6 +355,9 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-prompt-length", type=int, default=512)
+    parser.add_argument("--checkpointing", choices=["both", "on", "off"], default=None,
+                        help="gradient checkpointing of the training steps (default: both on CPU, on with CUDA)")
+    parser.add_argument("--seed-order", type=int, default=0, help="seed of the global batches' draw")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of an unknown GPU")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="results name (default: throughput, or gpu_throughput on CUDA)")
@@ -306,14 +365,26 @@ def main(argv=None) -> int:
     set_cpu_threads(args.threads)
     result = measure(args)
     name = args.out or ("gpu_throughput" if args.device.startswith("cuda") else "throughput")
-    path = write_results(name, {"command": "python bench/throughput.py " + " ".join(argv or sys.argv[1:]), **result})
-    t, o = result["training"], result["opponent_pass"]
-    print(f"training: padding {t['padding_fraction']:.3f}, ratio to packed SFT {t['ratio']:.3f}; opponent pass: "
-          f"padding {o['padding_fraction']:.3f}, ratio {o['ratio']:.3f}  ({path})")
-    if "gpu" in result:
-        g = result["gpu"]
-        print(f"gpu: {g['iris_tokens_per_s']:,.0f} tokens/s, MFU {g['iris_mfu']:.3f} (packed SFT {g['packed_sft_mfu']:.3f}), "
-              f"peak memory {g['peak_memory_gib']:.1f} GiB")
+    malloc = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))  # glibc tuning
+    path = write_results(name, {"command": malloc + "python bench/throughput.py " + " ".join(argv or sys.argv[1:]),
+                                **result})
+    for key in ("training", "training_checkpointed"):
+        if key in result:
+            t = result[key]
+            print(f"training ({'with' if key.endswith('checkpointed') else 'without'} checkpointing): padding "
+                  f"{t['padding_fraction']:.3f}; IRIS / padded SFT: kept graphs {t['kept_graphs_ratio_to_padded_sft']:.3f}, "
+                  f"scoring pass {t['ratio_to_padded_sft']:.3f}; / packed SFT: {t['kept_graphs_ratio']:.3f}, {t['ratio']:.3f}")
+            if "gpu" in t:
+                g = t["gpu"]
+                print(f"gpu: IRIS kept graphs {g['iris_kept_graphs_tokens_per_s']:,.0f} tokens/s, MFU "
+                      f"{g['iris_kept_graphs_mfu']:.3f}; scoring pass {g['iris_tokens_per_s']:,.0f} tokens/s, MFU "
+                      f"{g['iris_mfu']:.3f}; packed SFT MFU {g['packed_sft_mfu']:.3f}; peak above step start: kept "
+                      f"graphs {t['peak_memory_above_step_start_gib']['iris_kept_graphs']:.1f} GiB (estimate "
+                      f"{t['kept_graphs_estimate_gib']:.1f}), scoring pass "
+                      f"{t['peak_memory_above_step_start_gib']['iris']:.1f} GiB; auto keeps graphs on "
+                      f"{sum(t['auto_keeps_graphs'])}/{len(t['auto_keeps_graphs'])} steps")
+    o = result["opponent_pass"]
+    print(f"opponent pass: padding {o['padding_fraction']:.3f}, ratio {o['ratio']:.3f}  ({path})")
     return 0
 
 

@@ -113,6 +113,12 @@ class IrisConfig:
         "auto", "Under torchrun: DDP (auto), or FSDP2 (fully_shard per decoder layer) for models that do not fit one GPU.",
         "optimisation")
     fsdp: bool = _opt(False, "Shorthand for --parallel fsdp.", "optimisation")
+    scoring_pass: Literal["auto", "always", "never"] = _opt(
+        "auto", "Exact global-batch gradient with more than one micro-batch per rank: never = keep every micro-batch's "
+        "graph from one forward with gradient (the cost of SFT), always = a forward without gradient first (the scoring "
+        "pass: one extra forward per step), auto = keep the graphs when their estimated memory fits 0.8 of the free GPU "
+        "memory (0.5 of available RAM on CPU).", "optimisation",
+        "our choice: same gradient either way (docs/performance.md)")
     save_minutes: float = _opt(30.0, "Save the trainer state for --resume at most every M minutes.", "optimisation",
                                "about 25 GB a copy at 3B: bounds lost work and disk time (docs/performance.md)")
     save_steps: Optional[int] = _opt(None, "Also save the trainer state every N optimizer steps.", "optimisation")
@@ -289,7 +295,7 @@ class IrisConfig:
 # far it goes; never what it computes.
 RESUMABLE_CHANGES = frozenset({
     "iters", "resume", "overwrite", "dry_run", "device", "generator", "generation_batch_size",
-    "gpu_memory_utilization", "threads", "report_to", "save_minutes", "save_steps", "output_dir",
+    "gpu_memory_utilization", "threads", "report_to", "save_minutes", "save_steps", "output_dir", "scoring_pass",
 })
 # Options whose default depends on others (filled by `IrisConfig.resolve`).
 DERIVED = frozenset({"dataset", "split", "eval_dataset", "eval_split", "beta", "mu", "gradient_checkpointing", "bf16",

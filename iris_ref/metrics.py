@@ -6,8 +6,9 @@ those pairs whose annotated reward is higher), `logps/real`, `logps/synthetic` (
 log-probs), `weights/ess_real`, `weights/ess_synthetic` (effective sample size 1/Σŵ² of the
 normalised |gradient weights|; at most the number of samples), then the trainer's `lr`,
 `grad_norm`, `tokens` (non-padding tokens of the step's training forwards, all ranks),
-`padding_fraction` (padding / all tokens computed), `step_seconds`, `tokens_per_s`,
-`peak_memory_mb`, `step`, `epoch`.
+`padding_fraction` (padding / all tokens computed), `scoring_pass` (1 when the step ran a
+scoring pass, 0 when it kept its graphs), `graph_memory_gib` (the estimate it decided on),
+`step_seconds`, `tokens_per_s`, `peak_memory_mb`, `step`, `epoch`.
 
 `MetricsLog` appends one JSON line per step to `metrics.jsonl` (rank 0), and with
 `--report-to tensorboard` also writes TensorBoard scalars (tag = metric name, global step =

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from iris_ref import chat as chat_lib
-from iris_ref import distributed
+from iris_ref import distributed, trainer
 from iris_ref.data import response_budget
 
 GB = 1e9
@@ -23,16 +24,10 @@ GB = 1e9
 
 def count_parameters(config) -> int:
     """Parameters of the run's model, without loading (or allocating) any weight."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if config.embedded:
-        from iris_ref import tiny
-
-        model_config = tiny.tiny_config(tiny.build_tiny_tokenizer())
-    else:
-        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(model_config_of(config), trust_remote_code=config.trust_remote_code)
     return sum(p.numel() for p in model.parameters())  # tied weights counted once
 
 
@@ -45,6 +40,59 @@ def disk_estimate(config, parameters: int, prompts: int, mean_tokens: float) -> 
     synthetic = config.iters * prompts * config.num_synthetic * (mean_tokens * 8 + 64)  # text + ids, roughly
     return {"checkpoints": models * parameters * 4.0, "trainer_state": 2.0 * state, "synthetic": float(synthetic),
             "opponent_logps": config.iters * prompts * (1 + config.num_synthetic) * 12.0}
+
+
+def scoring_pass_plan(config, sequences: Sequence) -> str:
+    """`--dry-run`'s line: the path the run's self-play steps will take, and why.
+
+    Synthetic responses are not known yet: each prompt's K stand-ins are its annotated
+    sequence. The steps are those of the first epoch (its seeded order, as `train` draws it),
+    the budget `memory_budget` of now, less the weights and optimizer state the run will hold.
+    """
+    model_config = model_config_of(config)
+    parameters = count_parameters(config)
+    world = distributed.get_world_size()
+    shards = world if config.parallel == "fsdp" and world > 1 else 1
+    K, G, micro = config.num_synthetic, config.global_batch_size, config.micro_batch_size
+    if G % (world * micro) or len(sequences) < G:
+        return f"{config.scoring_pass}: not decided (the batch sizes do not fit {len(sequences)} prompts and {world} ranks)"
+    accumulation = G // (world * micro)
+    if accumulation == 1:
+        return "no scoring pass: one micro-batch per rank, whose graph is the one trained on"
+    stand_in = trainer.TrainingData(list(sequences), [s for s in sequences for _ in range(K)])
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    steps = range(min(len(sequences) // G, 200))
+    checkpointing, cuda = bool(config.gradient_checkpointing), str(config.device).startswith("cuda")
+    needs = [trainer.graph_memory(model_config, trainer.GlobalBatch(stand_in, order[k * G:(k + 1) * G], micro).shapes(),
+                          checkpointing=checkpointing, compute_bytes=2 if config.bf16 and cuda else None,
+                          gradient_bytes=4.0 * parameters / shards).total for k in steps]
+    mean, worst = sum(needs) / len(needs), max(needs)
+    need = f"{mean / 2**30:.1f} GiB mean, {worst / 2**30:.1f} max over {len(needs)} steps " \
+           f"{'with' if checkpointing else 'without'} gradient checkpointing"
+    if config.scoring_pass == "always":
+        return f"always: a scoring pass every step (one extra forward); kept graphs would need {need}"
+    if config.scoring_pass == "never":
+        return f"never: graphs kept every step, at your memory risk; they need {need}"
+    state = parameters * (4 + (4 if config.optimizer == "rmsprop" else 8)) / shards
+    device = torch.device(config.device if cuda and torch.cuda.is_available() else "cpu")
+    budget = trainer.memory_budget(device, resident=state)
+    share = f"{trainer.MEMORY_SHARE[device.type]} x {'free GPU memory' if device.type == 'cuda' else 'available RAM'} " \
+            f"less weights and optimizer state"
+    fitting = sum(n <= budget for n in needs)
+    verdict = "graphs kept, no scoring pass" if fitting == len(needs) else "a scoring pass every step" if not fitting \
+        else f"graphs kept on {fitting} of {len(needs)} steps, a scoring pass on the others"
+    return f"auto: {verdict}; kept graphs need {need}, budget {budget / 2**30:.1f} GiB ({share})"
+
+
+def model_config_of(config):
+    """The run's model config (no weights)."""
+    if config.embedded:
+        from iris_ref import tiny
+
+        return tiny.tiny_config(tiny.build_tiny_tokenizer())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
 
 
 def generator_choice(config) -> str:
@@ -86,6 +134,7 @@ def print_plan(run, verdict: str) -> None:
         f"  per step       {config.global_batch_size} prompts x (1 + {config.num_synthetic}) sequences, about "
         f"{per_step:,.0f} tokens (annotated: {annotated:.0f} tokens a sequence, {prompt_tokens:.0f} of them prompt)",
         f"  generator      {generator_choice(config)}",
+        f"  scoring pass   {scoring_pass_plan(config, run.encoded)}",
         f"  disk at peak   {size(sum(disk.values()))}: checkpoints {size(disk['checkpoints'])}, trainer state "
         f"{size(disk['trainer_state'])} (two copies at most), synthetic data {size(disk['synthetic'])}; "
         f"{size(free)} free there",

@@ -83,11 +83,11 @@ def reference_gradient(model, data, loss, pad):
     return grads(model)
 
 
-def trainer_gradient(model, data, loss, micro, pad):
+def trainer_gradient(model, data, loss, micro, pad, scoring_pass="auto"):
     model.zero_grad(set_to_none=True)
     trainer.accumulate_gradient(distributed.prepare_model(model), data if loss != "sft" else
                                 trainer.TrainingData(data.real), list(range(len(data.real))), objective_of(loss),
-                                micro, pad)
+                                micro, pad, scoring_pass=scoring_pass)
     return grads(model)
 
 
@@ -173,8 +173,9 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_restores_use_cache(t
     assert model.config.use_cache is True
     with trainer.training_mode(model, gradient_checkpointing=True):
         assert model.is_gradient_checkpointing and model.config.use_cache is False
-        checkpointed = trainer_gradient(model, data, "iris", micro=2, pad=pad)
-    assert max_rel_diff(checkpointed, plain) < 1e-9
+        checkpointed = {mode: trainer_gradient(model, data, "iris", micro=2, pad=pad, scoring_pass=mode)
+                        for mode in ("never", "always")}  # kept (checkpointed) graphs, and the scoring pass
+    assert all(max_rel_diff(g, plain) < 1e-9 for g in checkpointed.values())
     assert not model.is_gradient_checkpointing and model.config.use_cache is True  # saved configs stay as they were
 
 
@@ -208,14 +209,14 @@ def deterministic(records):
 
 
 def test_metrics_schedule_and_first_step(tokenizer):
-    _, summary, records = run_training(tokenizer, micro_batch_size=2)  # with the scoring pass
+    _, summary, records = run_training(tokenizer, micro_batch_size=2)  # two micro-batches: kept graphs (auto)
     total, warmup, peak = 4, math.ceil(0.2 * 4), 1e-3  # 8 prompts / 4 per step x 2 epochs
     assert [r["step"] for r in records] == list(range(1, total + 1))
     expected_lr = [peak * s / warmup if s < warmup else peak * (total - s) / (total - warmup) for s in range(total)]
     assert [r["lr"] for r in records] == pytest.approx(expected_lr, rel=1e-12, abs=1e-15)
     names = {"loss", "rewards/real", "rewards/synthetic", "rewards/margins", "rewards/accuracies", "logps/real",
              "logps/synthetic", "weights/ess_real", "weights/ess_synthetic", "lr", "grad_norm", "tokens_per_s",
-             "padding_fraction", "peak_memory_mb", "step", "epoch"}
+             "padding_fraction", "peak_memory_mb", "step", "epoch", "scoring_pass", "graph_memory_gib"}
     assert names <= set(records[0])
     # The opponent is the starting policy: every reward is 0 and the IRIS weights are uniform.
     first = records[0]
