@@ -29,7 +29,7 @@ a 3B micro-batch of 8 prompts does not fit without it):
   `kept_graphs_ratio`, `kept_graphs_ratio_to_padded_sft` for the IRIS step with kept graphs.
   Per token, kept graphs cost what padded SFT costs (forward + backward, + recompute when
   checkpointed); the scoring pass adds a forward: <= 0.75 of SFT without checkpointing, <= 0.8 with.
-* The opponent pass (`logprobs.score_sequences`: sorted by length, batched by a token budget)
+* The opponent pass (`scoring.score_sequences`: sorted by length, batched by a token budget)
   against a packed no-grad forward of the same sequences, and its padding fraction.
 * On CUDA also tokens/s, MFU, each variant's peak memory above the step's start, and
   `trainer.graph_memory`'s estimate for the kept-graph step with what `--scoring-pass auto`
@@ -149,7 +149,7 @@ def measure(args) -> dict:
 
     from iris_ref import distributed
     from iris_ref.config import parse_config
-    from iris_ref.logprobs import score_sequences, token_budget_batches
+    from iris_ref.scoring import score_sequences, token_budget_batches
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

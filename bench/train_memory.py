@@ -64,7 +64,7 @@ def measure_variant(variant: str, settings: dict, device: str = "cpu") -> dict:
 
     from iris_ref import distributed, trainer
     from iris_ref.config import parse_config
-    from iris_ref.logprobs import score_sequences
+    from iris_ref.scoring import score_sequences
     from iris_ref.objectives import iris_loss
 
     # Modules the trainer imports lazily: loaded here, so no variant's peak includes them.

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from iris_ref.logprobs import DEFAULT_CHUNK_SIZE
+from iris_ref.logprobs import DEFAULT_CHUNK_SIZE, SequenceLogprobModule
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -170,28 +170,6 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
-
-
-class SequenceLogprobModule(nn.Module):
-    """The policy's sequence log-probs as one forward: the unit the trainer calls.
-
-    ``iris_ref.logprobs.sequence_logprobs`` runs the decoder and then the LM head chunk by
-    chunk. DDP wraps this whole computation (rather than the Hugging Face model's own
-    ``forward``), so its forward/backward bookkeeping covers every parameter it touches.
-    Under FSDP2 this module stays plain and the Hugging Face model inside is the FSDP root.
-    """
-
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        super().__init__()
-        self.policy = model
-        self.chunk_size = chunk_size
-
-    def forward(self, input_ids, attention_mask, response_mask):
-        from iris_ref.logprobs import sequence_logprobs
-
-        return sequence_logprobs(
-            self.policy, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size
-        )
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from iris_ref import data, distributed, generation
-from iris_ref.logprobs import score_sequences
+from iris_ref.scoring import score_sequences
 
 
 def _user_text(prompt_messages: list[dict]) -> str:

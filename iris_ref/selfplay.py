@@ -508,7 +508,7 @@ def _other_source(saved: dict, **expected: str) -> Optional[str]:
 
 
 def _score(run: Run, policy, sequences, token_budget: int, desc: Optional[str] = None) -> torch.Tensor:
-    from iris_ref.logprobs import score_sequences
+    from iris_ref.scoring import score_sequences
 
     return score_sequences(policy, sequences, run.tokenizer.pad_token_id, token_budget=token_budget,
                            bf16=run.config.bf16, desc=desc)

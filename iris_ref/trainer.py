@@ -66,7 +66,8 @@ from torch import nn
 
 from iris_ref import distributed, preemption, train_state
 from iris_ref.errors import Interrupted, TrainingFailure
-from iris_ref.logprobs import DEFAULT_CHUNK_SIZE, forward_logps
+from iris_ref.logprobs import DEFAULT_CHUNK_SIZE
+from iris_ref.scoring import forward_logps
 from iris_ref.metrics import objective_metrics, summarise
 from iris_ref.progress import Progress
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from iris_ref import distributed, trainer  # noqa: E402
 from iris_ref.config import parse_config  # noqa: E402
 from iris_ref.data import EncodedSequence  # noqa: E402
-from iris_ref.logprobs import score_sequences  # noqa: E402
+from iris_ref.scoring import score_sequences  # noqa: E402
 from iris_ref.objectives import iris_loss  # noqa: E402
 from iris_ref.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 

@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from iris_ref import logprobs
-from iris_ref.distributed import SequenceLogprobModule
+from iris_ref.logprobs import SequenceLogprobModule
 from iris_ref.logprobs import VERIFIED_ARCHITECTURES, sequence_logprobs, verified_postprocessing
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -79,7 +79,7 @@ def test_synthetic_responses_are_scored_from_their_sampled_token_ids(iris_run):
     """The opponent log-probs are those of exactly the sampled ids: re-scoring the saved ids with
     the opponent checkpoint reproduces them; a re-tokenisation of the text would not be needed."""
     from iris_ref import data
-    from iris_ref.logprobs import score_sequences
+    from iris_ref.scoring import score_sequences
 
     run_dir, _ = iris_run
     rows = [json.loads(line) for line in (run_dir / "iter_2" / "synthetic.jsonl").read_text().splitlines()]

@@ -16,7 +16,8 @@ import torch
 from iris_ref import distributed, train_state, trainer
 from iris_ref.config import parse_config
 from iris_ref.data import EncodedSequence, collate
-from iris_ref.logprobs import score_sequences, sequence_logprobs
+from iris_ref.logprobs import sequence_logprobs
+from iris_ref.scoring import score_sequences
 from iris_ref.objectives import get_objective
 from iris_ref.tiny import build_tiny_model, build_tiny_tokenizer
 
