@@ -42,6 +42,7 @@ from iris_ref import distributed, files, models, preemption, rundir, train_state
 from iris_ref.config import MIN_VALIDATION_ROWS, IrisConfig, is_local, parse_template_kwargs, saved_differences
 from iris_ref.metrics import MetricsLog
 from iris_ref.objectives import get_objective
+from iris_ref.progress import Progress
 from iris_ref.schedule import AlphaSchedule, per_token_scores
 from iris_ref.errors import InputError, TrainingFailure
 
@@ -188,20 +189,24 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
     steps_per_epoch = len(run.encoded) // config.global_batch_size
     history = it.read("sft_epochs.json") or []
     best = min(history, key=lambda e: e["heldout_nll"]) if history else None
-    for epoch in range(len(history) + 1, config.sft_epochs + 1):
-        if best is not None and epoch - 1 - best["epoch"] >= config.sft_patience:
-            break
-        result = trainer.train(policy, data, None, config, pad_token_id=run.tokenizer.pad_token_id,
-                               epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
-                               state_dir=it.trainer_state, log=metrics_log(run, it), max_steps=epoch * steps_per_epoch,
-                               desc=f"SFT warm-up, epoch {epoch}", fingerprint=sft_fingerprint)
-        nll = heldout_nll(run, policy, run.validation or run.heldout)
-        history.append({"epoch": epoch, "heldout_nll": nll, "train_loss": result.get("loss")})
-        if best is None or nll < best["heldout_nll"]:
-            best = history[-1]
-            save_policy(run, policy, data, it.checkpoint, phase=f"SFT warm-up, epoch {epoch}")
-        files.write_json(it.path / "sft_epochs.json", history)
-        log(f"SFT warm-up epoch {epoch}: held-out NLL {nll:.4f} (best {best['heldout_nll']:.4f} at epoch {best['epoch']})")
+    done = train_state.saved_step(it.trainer_state) or len(history) * steps_per_epoch
+    with Progress(config.sft_epochs * steps_per_epoch, "SFT warm-up", unit="steps", initial=done) as progress:
+        for epoch in range(len(history) + 1, config.sft_epochs + 1):  # one phase: one elapsed time, one ETA
+            if best is not None and epoch - 1 - best["epoch"] >= config.sft_patience:
+                break
+            result = trainer.train(policy, data, None, config, pad_token_id=run.tokenizer.pad_token_id,
+                                   epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                                   state_dir=it.trainer_state, log=metrics_log(run, it),
+                                   max_steps=epoch * steps_per_epoch, desc=f"SFT warm-up, epoch {epoch}",
+                                   fingerprint=sft_fingerprint, progress=progress)
+            nll = heldout_nll(run, policy, run.validation or run.heldout)
+            history.append({"epoch": epoch, "heldout_nll": nll, "train_loss": result.get("loss")})
+            if best is None or nll < best["heldout_nll"]:
+                best = history[-1]
+                save_policy(run, policy, data, it.checkpoint, phase=f"SFT warm-up, epoch {epoch}")
+            files.write_json(it.path / "sft_epochs.json", history)
+            log(f"SFT warm-up epoch {epoch}: held-out NLL {nll:.4f} (best {best['heldout_nll']:.4f} at epoch "
+                f"{best['epoch']})")
     stopped_by = "patience" if len(history) < config.sft_epochs else "epoch limit"
     files.write_json(it.path / "train_summary.json", {"sft_epochs": history, "best_epoch": best["epoch"],
                                                       "stopped_by": stopped_by, "stopped_on": "validation rows"

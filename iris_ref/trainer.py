@@ -115,7 +115,8 @@ class TrainingData:
 
 def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], config, *, pad_token_id: int,
           epochs: int, learning_rate: float, state_dir: Optional[Path] = None, log: Callable[[dict], None] = lambda _: None,
-          max_steps: Optional[int] = None, desc: str = "training", fingerprint: Optional[dict] = None) -> dict:
+          max_steps: Optional[int] = None, desc: str = "training", fingerprint: Optional[dict] = None,
+          progress: Optional[Progress] = None) -> dict:
     """Train `policy` (from `distributed.prepare_model`) in place; return the phase's summary metrics.
 
     `objective`: one of `iris_ref.objectives` with its constants bound (e.g.
@@ -124,6 +125,8 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
     `micro_batch_size`, `max_grad_norm`, `gradient_checkpointing`, `bf16`, `scoring_pass`, `seed`,
     `save_steps`, `save_minutes`). `max_steps` stops early (and saves), keeping the schedule of
     the full phase. Every rank calls this with the same data; `log` gets each step's metrics.
+    `progress`: the phase's `Progress` to count steps into when a phase spans several calls (the
+    SFT warm-up's epochs); by default each call reports as a phase of its own.
     """
     data.check()
     G, world = config.global_batch_size, distributed.get_world_size()
@@ -157,8 +160,9 @@ def train(policy: nn.Module, data: TrainingData, objective: Optional[Callable], 
         torch.cuda.reset_peak_memory_stats(device)
 
     # A termination signal is only recorded here; the step boundary below saves the state and stops.
-    with training_mode(policy, config.gradient_checkpointing), preemption.deferred(), \
-            Progress(total, desc, unit="steps", initial=start) as bar:
+    counter = contextlib.nullcontext(progress) if progress is not None else \
+        Progress(total, desc, unit="steps", initial=start)
+    with training_mode(policy, config.gradient_checkpointing), preemption.deferred(), counter as bar:
         for step in range(start + 1, stop + 1):
             epoch, k = divmod(step - 1, steps_per_epoch)
             prompts = order[epoch][k * G:(k + 1) * G].tolist()

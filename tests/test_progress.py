@@ -43,3 +43,23 @@ def test_a_terminal_gets_a_bar_and_other_ranks_stay_silent(monkeypatch):
     with Progress(10, "training", stream=silent, enabled=False) as bar:
         bar.update(10)
     assert silent.getvalue() == ""
+
+
+def test_the_sft_warm_up_is_one_phase_across_its_epochs(tmp_path):
+    """One counter, one elapsed time and one ETA for the whole warm-up, not one per epoch (issue 16)."""
+    import re
+
+    from tests.driver_helpers import SMALL, run_cli
+
+    proc = run_cli(*SMALL, "--iters", "1", "--num-samples", "64", "--sft-epochs", "3", "--sft-patience", "3",
+                   "--sft-validation-size", "0.25", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pattern = re.compile(r"\[iris\] SFT warm-up: (\d+)/(\d+) .* elapsed (\d+):(\d+)")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[iris] SFT warm-up")]
+    found = [pattern.match(line) for line in lines]
+    assert lines and all(found), lines
+    done = [int(m.group(1)) for m in found]
+    elapsed = [60 * int(m.group(3)) + int(m.group(4)) for m in found]
+    assert {int(m.group(2)) for m in found} == {3 * 4}  # 3 epochs of 4 steps, one total
+    assert done == sorted(done) and done[-1] == 12 and elapsed == sorted(elapsed)
+    assert len(set(lines)) == len(lines)  # no repeated line
