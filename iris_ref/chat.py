@@ -98,18 +98,18 @@ class ChatFormat:
         self._added = _added_token_pattern(tokenizer)
         self._prompt_cache: dict[tuple, list[int]] = {}
         self._check_generation_prompt()
-        self.end_of_turn_text, self.after_turn_text = self._end_of_turn()
+        # what the template writes after a response; its end of turn; what follows that (not trained);
+        # whether the eos must be appended (the template writes no end of turn)
+        self._closing, self.end_of_turn_text, self.after_turn_text, self._appends_eos = self._end_of_turn()
         self.stop_ids = self._stops()
 
     # -- rendering ----------------------------------------------------------------------
-    def _strftime_now(self, fmt: str) -> str:
-        """The template's clock, frozen at the run's date."""
-        return datetime.datetime.fromisoformat(self.date).strftime(fmt)
-
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool, *, date: Optional[str] = None) -> str:
+        """The template's text, with its clock (`strftime_now`) frozen at the run's date (or `date`)."""
+        day = datetime.datetime.fromisoformat(date or self.date)
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
-            **{"strftime_now": self._strftime_now, **self.template_kwargs})
+            **{"strftime_now": day.strftime, **self.template_kwargs})
 
     def encode_text(self, text: str) -> list[int]:
         """Text as an SFT pipeline tokenizes it: the tokenizer's special tokens, the BOS once."""
@@ -181,17 +181,15 @@ class ChatFormat:
                 "generation prompt, so the model samples its own there (a think block): the two response sets would "
                 "differ in form; pass --chat-template-kwargs '{\"enable_thinking\": false}' if the template takes it")
 
-    def _end_of_turn(self) -> tuple[str, str]:
-        """(end of turn, text after it): the template's text after an assistant response, cut
-        after its last special token."""
+    def _end_of_turn(self) -> tuple[str, str, str, bool]:
+        """The template's text after an assistant response, cut after its last special token:
+        (all of it, the end of turn, the rest, whether the eos must be appended instead)."""
         _, full = self._probe()
         suffix = full.split(_MARKER, 1)[1]
-        self._closing = suffix
-        self._appends_eos = not suffix.strip()
-        if self._appends_eos:  # the template writes at most whitespace: the eos ends the response
+        if not suffix.strip():  # the template writes at most whitespace: the eos ends the response
             if self.tokenizer.eos_token_id is None:
                 raise ChatFormatError("the chat template marks no end of turn and the tokenizer has no eos token")
-            return self.tokenizer.eos_token, suffix
+            return suffix, self.tokenizer.eos_token, suffix, True
         last = None
         for match in (self._added.finditer(suffix) if self._added is not None else ()):
             last = match
@@ -199,7 +197,7 @@ class ChatFormat:
             raise ChatFormatError(
                 f"the chat template ends an assistant turn with plain text {suffix!r} and no special token: "
                 "generation could not stop where the annotated responses end")
-        return suffix[:last.end()], suffix[last.end():]
+        return suffix, suffix[:last.end()], suffix[last.end():], False
 
     def _stops(self) -> list[int]:
         ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.special_tokens_in(self.end_of_turn_text)]
@@ -216,9 +214,7 @@ class ChatFormat:
     @property
     def depends_on_date(self) -> bool:
         """Whether the template's output changes with the date (it is frozen at `date` either way)."""
-        other = ChatFormat.__new__(ChatFormat)
-        other.__dict__.update(self.__dict__, date="2001-02-03")
-        return other.render(_PROBE_PROMPT, True) != self.render(_PROBE_PROMPT, True)
+        return self.render(_PROBE_PROMPT, True, date="2001-02-03") != self.render(_PROBE_PROMPT, True)
 
     def settings(self) -> dict[str, Any]:
         """What fixes the rendering, for logs and `--dry-run`."""
