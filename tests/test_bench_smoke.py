@@ -130,9 +130,14 @@ def test_throughput_packing_is_first_fit_decreasing_and_exact():
 def test_throughput_benchmark_small(tmp_path):
     import argparse
 
-    result = throughput.measure(argparse.Namespace(device="cpu", model_config=None, steps=1, global_batch_size=4,
+    small = tmp_path / "small.json"  # the code path, not the tiny model's speed: a smaller model will do
+    small.write_text(json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 256,
+                                 "max_position_embeddings": 128}))
+    result = throughput.measure(argparse.Namespace(device="cpu", model_config=str(small), steps=1, global_batch_size=4,
                                                    micro_batch_size=2, max_length=64, max_prompt_length=32,
                                                    peak_tflops=1.0))
+    assert {"training", "training_checkpointed"} <= set(result)
     assert 0 <= result["training"]["padding_fraction"] < 1 and result["training"]["ratio"] > 0
     assert 0 <= result["opponent_pass"]["padding_fraction"] < 1
     json.loads(common.write_results("throughput", result, results_dir=tmp_path).read_text())
@@ -157,3 +162,29 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().count("\n") == 0 and "no CUDA device" in proc.stdout
     assert sorted(p.name for p in (REPO / "bench" / "results").iterdir()) == before
+
+
+def test_reproducibility_runs_two_tiny_runs_and_writes_its_tables(tmp_path, monkeypatch):
+    """bench/reproducibility.py end to end at a tiny setting: the shipped run and the +1-ulp child
+    (run_iris.main with the init wrapped), each a subprocess; the JSON holds per-iteration spreads."""
+    from bench import reproducibility
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    extra = ("--iters 1 --sft-epochs 1 --sft-patience 1 --num-samples 64 --eval-num-samples 8 --max-length 40 "
+             "--generation-batch-size 64")
+    code = reproducibility.main(["--runs", "s0-base", "s0-ulp+", f"--extra={extra}", "--work-dir",
+                                 str(tmp_path / "work"), "--results-dir", str(tmp_path), "--timeout", "300"])
+    assert code == 0
+    record = json.loads((tmp_path / "reproducibility.json").read_text())
+    assert record["benchmark"] == "reproducibility" and record["environment"]["torch"] == torch.__version__
+    assert set(record["runs"]) == {"s0-base", "s0-ulp+"}
+    for run in record["runs"].values():
+        assert [row["iteration"] for row in run["iterations"]] == [0, 1]
+        assert set(reproducibility.COLUMNS) <= set(run["iterations"][0]) and run["warmup"]["best_epoch"] == 1
+    group = record["groups"]["float-order"]
+    assert group["runs"] == ["s0-base", "s0-ulp+"] and group["last_iteration"] == 1
+    cell = group["per_iteration"][0]["heldout_nll"]
+    assert cell["n"] == 2 and cell["min"] <= cell["median"] <= cell["max"] and cell["sd"] >= 0
+    assert set(group["last_minus_first"]["heldout_accuracy"]["per_run"]) == {"s0-base", "s0-ulp+"}
+    assert record["effects"]["s0-ulp+"]["reference"] == "s0-base"
+    assert "| iter |" in (tmp_path / "reproducibility.md").read_text()
