@@ -107,6 +107,26 @@ def write_results(name: str, payload: dict, results_dir: Path | None = None) -> 
 # ----------------------------------------------------------------------------- peak memory
 
 
+WORK_MARKER = ".iris-bench-work"
+
+
+def claim_work_dir(work: Path, bench: str, fresh: bool = False) -> str | None:
+    """Make `work` a bench's own folder (a marker written first), or say in one line why not: a
+    non-empty folder without the marker was not made by a bench and is never touched. `fresh`
+    deletes a folder that carries the marker."""
+    import shutil
+
+    work = Path(work)
+    marker = work / WORK_MARKER
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        return f"--work-dir {work} is not empty and was not made by this bench; nothing was touched: choose another"
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"made by bench/{bench}.py\n")
+    return None
+
+
 def _proc_status_kib(field: str) -> int | None:
     try:
         text = Path("/proc/self/status").read_text()

@@ -65,6 +65,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench import common  # noqa: E402
+
 # name -> selfplay options (None: continued SFT, run by `continued_sft`).
 ARMS: dict[str, Optional[dict]] = {
     "iris-adaptive": {"loss": "iris", "alpha_schedule": "adaptive"},
@@ -995,15 +997,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work = Path(args.work_dir)
-    marker = work / ".iris-bench-work"  # written first: only a folder this bench made is ever deleted
-    if work.exists() and any(work.iterdir()) and not marker.exists():
-        print(f"method_comparison: error: --work-dir {work} is not empty and was not made by this bench; "
-              "nothing was touched: choose another --work-dir", file=sys.stderr)
+    error = common.claim_work_dir(work, "method_comparison", fresh=args.fresh)  # only its own folder is deleted
+    if error is not None:
+        print(f"method_comparison: error: {error}", file=sys.stderr)
         return 2
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by bench/method_comparison.py\n")
     command = "python bench/method_comparison.py" + ("" if not argv else " " + " ".join(argv))
     started, load_start = time.time(), os.getloadavg()[0]
     results = execute(plan(args), args)

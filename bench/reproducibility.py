@@ -28,7 +28,7 @@ which is why the default is now 1e-3. (The child can also stop after iteration 0
 warm-up-only runs, for a quick look at another warm-up setting with ``--extra``.)
 
 Reuse: a run whose ``spec.json`` matches and whose ``summary.json`` exists is read, not redone;
-``--fresh`` deletes the work folder first. Results: ``bench/results/reproducibility.json``
+``--fresh`` deletes the work folder first (only one this bench made: it carries a marker). Results: ``bench/results/reproducibility.json``
 (through ``bench.common.write_results``) and ``reproducibility.md``.
 """
 
@@ -456,8 +456,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = json.loads((results_dir / f"{NAME}.json").read_text())
     else:
         work = Path(args.work_dir)
-        if args.fresh:
-            shutil.rmtree(work, ignore_errors=True)
+        error = common.claim_work_dir(work, NAME, fresh=args.fresh)  # only its own folder is ever deleted
+        if error is not None:
+            print(f"reproducibility: error: {error}", file=sys.stderr)
+            return 2
         result = run_benchmark(args.runs, work, shlex.split(args.extra), args.timeout)
         result["command"] = shlex.join(["python", "bench/reproducibility.py", *argv])
         path = common.write_results(NAME, result, results_dir=results_dir)

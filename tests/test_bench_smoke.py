@@ -188,3 +188,15 @@ def test_reproducibility_runs_two_tiny_runs_and_writes_its_tables(tmp_path, monk
     assert set(group["last_minus_first"]["heldout_accuracy"]["per_run"]) == {"s0-base", "s0-ulp+"}
     assert record["effects"]["s0-ulp+"]["reference"] == "s0-base"
     assert "| iter |" in (tmp_path / "reproducibility.md").read_text()
+
+
+def test_reproducibility_never_deletes_a_work_dir_it_did_not_make(tmp_path, capsys):
+    from bench import reproducibility
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert reproducibility.main(["--runs", "s0-base", "--fresh", "--work-dir", str(mine),
+                                 "--results-dir", str(tmp_path / "r")]) == 2
+    assert "was not made by this bench" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep"
