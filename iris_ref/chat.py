@@ -14,9 +14,11 @@ The rule (also in `data`'s docstring and docs/data_and_generation.md, "Token-exa
   tokenizer merges the response's first characters with the prompt's last token, e.g. a
   response that starts with a newline) is skipped and counted as `prefix_mismatch`, the first
   one named; it is never trained on.
-* The response ends with the template's **end of turn**, up to its last special token. Text the
-  template writes after it (ChatML's `\\n`) is not part of the response: generation stops
-  before it. A template that writes nothing after the response gets the eos appended.
+* The response ends with the template's **end of turn**, up to its first special token. Text the
+  template writes after it (ChatML's `\\n`, Phi-3's `\\n<|endoftext|>`) is not part of the
+  response: generation stops before it. A template that writes nothing after the response gets
+  the eos appended. A response whose text holds a stop token's text (a literal `<|im_end|>`) is
+  skipped as `stop_in_response`: no sample can continue after a stop.
 * A **synthetic sequence** is the generation prompt followed by exactly the sampled ids.
 * **Stops** are special or added tokens only: those of the end of turn, the tokenizer's eos and
   the model's `generation_config.eos_token_id` (vLLM adds those by itself; the transformers
@@ -133,8 +135,10 @@ class ChatFormat:
     def conversation_ids(self, prompt_messages: Sequence[dict], response: str) -> tuple[list[int], list[int]] | str:
         """(prompt ids, response ids up to the end of turn) of an annotated response, or the
         reason it cannot be trained token-exactly: ``"prefix_mismatch"`` (the generation prompt's
-        ids are not the start of the conversation's) or ``"no_end_of_turn"`` (the template did
-        not close this response the way it closes others)."""
+        ids are not the start of the conversation's), ``"no_end_of_turn"`` (the template did
+        not close this response the way it closes others) or ``"stop_in_response"`` (the response's
+        text holds a stop token's text, e.g. a literal ``<|im_end|>``: it would train on going on
+        after a stop, which no sampled response can)."""
         prompt = self.prompt_ids(prompt_messages)
         text = self.render(list(prompt_messages) + [{"role": "assistant", "content": response}],
                            add_generation_prompt=False)
@@ -146,7 +150,10 @@ class ChatFormat:
         ids = self.encode_text(text)
         if ids[:len(prompt)] != prompt:
             return "prefix_mismatch"
-        return prompt, ids[len(prompt):]
+        response = ids[len(prompt):]
+        if set(response[:-1]) & set(self.stop_ids):  # the text holds a stop token's text: no sample can
+            return "stop_in_response"
+        return prompt, response
 
     def describe_mismatch(self, prompt_messages: Sequence[dict], response: str) -> str:
         """Why a ``prefix_mismatch`` row fails, in a few words (shown once at load)."""
@@ -182,22 +189,22 @@ class ChatFormat:
                 "differ in form; pass --chat-template-kwargs '{\"enable_thinking\": false}' if the template takes it")
 
     def _end_of_turn(self) -> tuple[str, str, str, bool]:
-        """The template's text after an assistant response, cut after its last special token:
-        (all of it, the end of turn, the rest, whether the eos must be appended instead)."""
+        """The template's text after an assistant response, cut after its FIRST special token,
+        where generation stops (Phi-3's final turn writes `<|end|>\n<|endoftext|>`: the model
+        samples `<|end|>` and stops): (all of it, the end of turn, the rest, whether the eos must
+        be appended instead)."""
         _, full = self._probe()
         suffix = full.split(_MARKER, 1)[1]
         if not suffix.strip():  # the template writes at most whitespace: the eos ends the response
             if self.tokenizer.eos_token_id is None:
                 raise ChatFormatError("the chat template marks no end of turn and the tokenizer has no eos token")
             return suffix, self.tokenizer.eos_token, suffix, True
-        last = None
-        for match in (self._added.finditer(suffix) if self._added is not None else ()):
-            last = match
-        if last is None:
+        first = self._added.search(suffix) if self._added is not None else None
+        if first is None:
             raise ChatFormatError(
                 f"the chat template ends an assistant turn with plain text {suffix!r} and no special token: "
                 "generation could not stop where the annotated responses end")
-        return suffix, suffix[:last.end()], suffix[last.end():], False
+        return suffix, suffix[:first.end()], suffix[first.end():], False
 
     def _stops(self) -> list[int]:
         ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.special_tokens_in(self.end_of_turn_text)]

@@ -95,7 +95,9 @@ class SkipCounts:
       with and what it would be trained on; ``first`` describes the first such row;
     * ``no_end_of_turn``: the template did not close this response the way it closes others;
     * ``template_error``: the chat template raised on the conversation (Gemma's refuses a
-      system turn); ``first`` gives its message.
+      system turn); ``first`` gives its message;
+    * ``stop_in_response``: the response's text holds a stop token's text (a literal
+      ``<|im_end|>``), so it would teach going on after a stop, which no sample can.
     """
 
     not_a_list: int = 0
@@ -110,6 +112,7 @@ class SkipCounts:
     prefix_mismatch: int = 0
     no_end_of_turn: int = 0
     template_error: int = 0
+    stop_in_response: int = 0
     first: dict = field(default_factory=dict, compare=False)  # reason -> the first such row, described
 
     def _counts(self):
@@ -465,8 +468,8 @@ def encode_pair(
     to ``response_budget`` tokens, the rule its synthetic responses are sampled under (its end
     of turn then falls off, as a sampled response cut at the budget has none): ``cut`` says so.
     Reasons: ``too_long`` (the prompt exceeds ``max_prompt_length`` or leaves no room),
-    ``prefix_mismatch`` and ``no_end_of_turn`` (see ``ChatFormat.conversation_ids``),
-    ``template_error`` (the template raised on this conversation).
+    ``prefix_mismatch``, ``no_end_of_turn`` and ``stop_in_response`` (see
+    ``ChatFormat.conversation_ids``), ``template_error`` (the template raised on this conversation).
     """
     from jinja2.exceptions import TemplateError
 
@@ -495,7 +498,7 @@ def encode_examples(chat, examples: list[Example], max_length: int, max_prompt_l
                                   max_new_tokens)
         if seq is None:
             counts.add(reason)
-            if reason in ("prefix_mismatch", "template_error") and reason not in counts.first:
+            if reason in ("prefix_mismatch", "template_error", "stop_in_response") and reason not in counts.first:
                 counts.first[reason] = _describe_skip(chat, example, reason)
             continue
         kept.append(example)
@@ -506,6 +509,10 @@ def encode_examples(chat, examples: list[Example], max_length: int, max_prompt_l
 def _describe_skip(chat, example: Example, reason: str) -> str:
     if reason == "prefix_mismatch":
         return chat.describe_mismatch(example.prompt_messages, example.response)
+    if reason == "stop_in_response":
+        stops = [t for t in chat.special_tokens_in(example.response)
+                 if chat.tokenizer.convert_tokens_to_ids(t) in chat.stop_ids]
+        return f"response {example.response[:40]!r} holds {stops[:1]}"
     try:
         chat.render(example.prompt_messages + [{"role": "assistant", "content": example.response}], False)
     except Exception as error:  # noqa: BLE001 - the template's own message is the description

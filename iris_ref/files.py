@@ -77,10 +77,10 @@ def writing(path: Path) -> Iterator[None]:
     try:
         with preemption.deferred():
             yield
-    except (OSError, RuntimeError, ValueError) as error:  # safetensors raises its own SafetensorError
+    except Exception as error:  # noqa: BLE001 - safetensors' SafetensorError is a bare Exception
         cause = _cause(error, Path(path))
         if cause is None and not isinstance(error, OSError):
-            raise
+            raise  # not the storage: a bug is never disguised as a write failure
         raise WriteError(f"cannot write {path}: {cause or error}; what was there before is intact") from None
 
 
@@ -279,8 +279,9 @@ def reuse_or_make(path: Path, make: Callable[[], T], *, save: Callable[[Path, T]
             reason = f"was made from {reason}"
         log(f"{path} {reason}; making it again")
     value = make()
-    save(path, value)
-    write_text(recorded, f"{sha256_file(path)}  {path.name}\n" if distributed.is_main_process() else "")
+    with preemption.deferred():  # the file and its record, or neither: a stop in between would redo `make`
+        save(path, value)
+        write_text(recorded, f"{sha256_file(path)}  {path.name}\n" if distributed.is_main_process() else "")
     return value
 
 

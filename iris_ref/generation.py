@@ -310,12 +310,28 @@ def _loaded(model_or_path, has_path: bool, device: str, trust_remote_code: bool 
 # ---------------------------------------------------------------------------------------
 
 
-def plan_batches(prompt_lengths: list[int], num_responses: int, batch_size: int) -> list[list[tuple[int, int]]]:
+def plan_batches(prompt_lengths: list[int], num_responses: int, batch_size: int, budgets: list[int] | None = None,
+                 position_limit: int | None = None) -> list[list[tuple[int, int]]]:
     """The global plan: (prompt index, response index) requests, longest prompt first (ties by
-    prompt index, then response index), in batches of ``batch_size`` sequences."""
+    prompt index, then response index), in batches of ``batch_size`` sequences.
+
+    With ``position_limit`` (the model's position range) a batch also ends before a request
+    whose budget would take the batch past it: left-padded rows share positions, so the batch
+    reaches its longest prompt plus its largest budget (a model with learned positions, GPT-2's,
+    fails past its range)."""
     requests = sorted(((p, k) for p in range(len(prompt_lengths)) for k in range(num_responses)),
                       key=lambda request: (-prompt_lengths[request[0]], request[0], request[1]))
-    return [requests[start:start + batch_size] for start in range(0, len(requests), batch_size)]
+    batches: list[list[tuple[int, int]]] = []
+    for request in requests:
+        batch = batches[-1] if batches else None
+        fits = batch is not None and len(batch) < batch_size and (
+            position_limit is None or budgets is None
+            or prompt_lengths[batch[0][0]] + max(budgets[p] for p, _ in [*batch, request]) <= position_limit)
+        if fits:
+            batch.append(request)
+        else:
+            batches.append([request])
+    return batches
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -391,8 +407,34 @@ def _run_batch(model, generation_config, rows: list[list[int]], budgets: list[in
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(budgets),
-                                generation_config=generation_config, synced_gpus=synced)
+                                generation_config=generation_config, synced_gpus=synced,
+                                stopping_criteria=_budgets_reached(budgets, input_ids.shape[1]))
     return [_until_stop(row[:budget], stops) for row, budget in zip(output[:, input_ids.shape[1]:].tolist(), budgets)]
+
+
+def _budgets_reached(budgets: list[int], width: int):
+    """A row is done once it has its budget of new tokens: the batch stops as soon as every row
+    has stopped or reached its own budget, not at the largest budget."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class BudgetReached(StoppingCriteria):
+        def __init__(self):
+            self.limits = torch.tensor(budgets) + width
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids.shape[1] >= self.limits.to(input_ids.device)
+
+    return StoppingCriteriaList([BudgetReached()])
+
+
+def _position_limit(model) -> int | None:
+    """The model's position range (learned positions fail past it), if its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _run_plan(model, plan, order: list[int | None], prompt_token_ids, budgets, *, pad_token_id, stops,
@@ -415,7 +457,8 @@ def _run_plan(model, plan, order: list[int | None], prompt_token_ids, budgets, *
 
 def _generate_hf(model, prompt_token_ids, stops, *, pad_token_id, num_responses, budgets, temperature, top_p,
                  seed, batch_size, synced_gpus, desc) -> list[list[tuple[list[int], bool]]]:
-    plan = plan_batches([len(ids) for ids in prompt_token_ids], num_responses, batch_size)
+    plan = plan_batches([len(ids) for ids in prompt_token_ids], num_responses, batch_size, budgets,
+                        _position_limit(model))
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine: list[int | None] = list(range(rank, len(plan), world))
     synced = world > 1 and (synced_gpus or _is_sharded(model))

@@ -177,7 +177,9 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool,
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--output-dir {run_dir} is a file, not a folder")
-    holder = None if holding_lock else RunLock(run_dir).held_elsewhere()
+    # Rank 0 probes (the ranks of one job must not refuse each other) and tells the others.
+    holder = None if holding_lock or not distributed.is_main_process() else RunLock(run_dir).held_elsewhere()
+    holder = holder if holding_lock else distributed.broadcast_object(holder)
     if holder is not None:  # a running process owns it: no other advice applies
         raise RunLock(run_dir).in_use_error(holder)
     # The lock file alone (left by a run that stopped before writing anything) is no content.
@@ -268,12 +270,21 @@ class IterationDir:
         return (self.path / "train_summary.json").is_file() and self.checkpoint.is_dir()
 
     def reopen(self) -> None:
-        """Undo COMPLETE and remove the checkpoint (a damaged one): the iteration is made again;
-        its synthetic data and opponent log-probs are reused if they verify."""
+        """Undo COMPLETE and remove the (damaged) checkpoint with what depends on it: the
+        iteration is trained again from its start; its synthetic data and opponent log-probs,
+        made before it, are reused if they verify."""
         if distributed.is_main_process():
-            for name in ("COMPLETE", "train_summary.json", "eval.json"):
+            for name in ("COMPLETE", "train_summary.json", "eval.json", "sft_epochs.json"):
                 (self.path / name).unlink(missing_ok=True)
             shutil.rmtree(self.checkpoint, ignore_errors=True)
+            shutil.rmtree(self.trainer_state, ignore_errors=True)
+        distributed.barrier()
+
+    def discard(self) -> None:
+        """Remove an unfinished iteration's folder (this project's own `iter_<t>`): it was begun
+        from a previous model that is being made again."""
+        if distributed.is_main_process() and not self.complete:
+            shutil.rmtree(self.path, ignore_errors=True)
         distributed.barrier()
 
     def mark_complete(self) -> None:

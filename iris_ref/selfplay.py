@@ -130,7 +130,7 @@ def self_play_iteration(run: Run, t: int) -> None:
     # 4. train θ_t from θ_{t-1}
     objective = make_objective(config, alpha)
     fingerprint = {"loss": config.loss, "alpha": alpha if config.loss == "iris" else None, "beta": config.beta,
-                   "data_sha256": data_sha}
+                   "data_sha256": data_sha, "opponent_sha256": opponent_sha}
     result = trainer.train(policy, data, objective, config, pad_token_id=run.tokenizer.pad_token_id,
                            epochs=config.epochs, learning_rate=config.learning_rate, state_dir=it.trainer_state,
                            log=metrics_log(run, it), desc=f"iteration {t} training", fingerprint=fingerprint)
@@ -189,6 +189,7 @@ def sft_warmup(run: Run, it: rundir.IterationDir):
     steps_per_epoch = len(run.encoded) // config.global_batch_size
     history = it.read("sft_epochs.json") or []
     best = min(history, key=lambda e: e["heldout_nll"]) if history else None
+    train_state.set_aside_if_damaged(it.trainer_state, log)  # before its step is read
     done = train_state.saved_step(it.trainer_state) or len(history) * steps_per_epoch
     with Progress(config.sft_epochs * steps_per_epoch, "SFT warm-up", unit="steps", initial=done) as progress:
         for epoch in range(len(history) + 1, config.sft_epochs + 1):  # one phase: one elapsed time, one ETA
@@ -413,6 +414,9 @@ def load_data(config: IrisConfig, chat):
     if skips.template_error:
         log(f"data: {skips.template_error} rows skipped: the chat template refused them; first: "
             f"{skips.first['template_error']}")
+    if skips.stop_in_response:
+        log(f"data: {skips.stop_in_response} rows skipped: their response's text holds a stop token, which no "
+            f"sampled response can; first: {skips.first['stop_in_response']}")
     validation = []
     if config.sft_validation_size and len(kept) >= config.global_batch_size:
         size = validation_rows(config.sft_validation_size, len(kept))
@@ -454,12 +458,17 @@ def verify_resume_point(run: Run) -> None:
     t = t if t < len(its) and its[t].trained else t - 1                   # the last one saved
     while t >= 0:
         it = rundir.IterationDir(run.dir / f"iter_{t}", t)
-        problem = files.verify_directory(it.checkpoint) if it.checkpoint.exists() else None  # θ_0 may be the given model
+        problem = None
+        if distributed.is_main_process() and it.checkpoint.exists():  # θ_0 may be the given model
+            problem = files.verify_directory(it.checkpoint)
+        problem = distributed.broadcast_object(problem)
         if problem in (None, "unverified"):
             return
         log(f"{it.checkpoint}: {problem}; iteration {t} is made again"
             + (f" from iteration {t - 1}'s checkpoint" if t > 0 else ""))
         it.reopen()
+        if t + 1 < len(its):  # what the next iteration began from the damaged θ_t is not reused
+            its[t + 1].discard()
         t -= 1
 
 

@@ -112,6 +112,10 @@ def invariant_failures(chat: ChatFormat, prompt_ids: Callable, sequence_ids: Cal
             if got and got[-1] not in stop_ids:
                 failures.append(f"{where}: the response ends with {tokenizer.convert_ids_to_tokens(got[-1:])}, "
                                 "not a stop token")
+            inner = [i for i in got[len(fed):-1] if i in stop_ids]
+            if inner:  # generation would have stopped there: the rest is text no sample has
+                failures.append(f"{where}: the response holds the stop token {tokenizer.convert_ids_to_tokens(inner[:1])} "
+                                "before its end")
     return failures
 
 

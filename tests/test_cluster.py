@@ -295,3 +295,86 @@ def test_a_run_on_a_small_file_system_stops_with_one_line_and_its_last_state_int
     assert last.startswith(f"error: cannot write {disk / 'run'}") and "no space left on the device (ENOSPC)" in last
     verified = [line for line in proc.stdout.splitlines() if line.startswith("verified")][-1]
     assert "verified [" in verified and "'" not in verified.split("[", 1)[1]  # every saved checkpoint is whole
+
+
+# --- found by review: the warm-up, torchrun ranks, safetensors, the sidecar, the next iteration ---------
+
+PATIENT = ("--sft-epochs", "3", "--sft-patience", "1")  # a warm-up with early stopping (the embedded default's kind)
+
+
+@pytest.fixture(scope="module")
+def patient_reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("patient") / "run"
+    return run_dir, selfplay.run(small_config(run_dir, *NO_PERIODIC_SAVE, *PATIENT, "--iters", "1"))
+
+
+def test_a_damaged_warm_up_checkpoint_is_warmed_up_again(tmp_path, patient_reference, capsys):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*SMALL, *PATIENT, "--iters", "1", "--output-dir", str(run_dir), script="tests/crash_run.py",
+                   env_extra={"CRASH_AT": "1:1"})
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    _flip(run_dir / "iter_0" / "checkpoint" / "model.safetensors", 8)
+    resumed = resume(run_dir)
+    assert "iteration 0 is made again" in capsys.readouterr().out
+    assert strip(resumed) == strip(patient_reference[1])
+
+
+def test_a_damaged_warm_up_trainer_state_is_set_aside(tmp_path, patient_reference, capsys):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*SMALL, *PATIENT, "--iters", "1", "--output-dir", str(run_dir), script="tests/crash_run.py",
+                   env_extra={"CRASH_AT": "0:3"})
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    state = train_state.latest(run_dir / "iter_0" / "trainer_state")
+    (state / "trainer.pt").write_bytes((state / "trainer.pt").read_bytes()[:100])
+    resumed = resume(run_dir)
+    assert "is set aside as damaged_" in capsys.readouterr().out
+    assert strip(resumed) == strip(patient_reference[1])
+
+
+def test_a_damaged_checkpoint_discards_what_the_next_iteration_began_from_it(tmp_path, reference, capsys):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*SMALL, "--output-dir", str(run_dir), script="tests/crash_run.py", env_extra={"CRASH_AT": "2:1"})
+    assert proc.returncode == 17
+    assert (run_dir / "iter_2" / "synthetic.jsonl").exists()
+    _flip(run_dir / "iter_1" / "checkpoint" / "model.safetensors", 8)
+    stale = (run_dir / "iter_2" / "synthetic.jsonl").stat().st_mtime_ns
+    resumed = resume(run_dir)
+    assert "iteration 1 is made again" in capsys.readouterr().out
+    assert (run_dir / "iter_2" / "synthetic.jsonl").stat().st_mtime_ns != stale  # sampled again, from the new θ_1
+    assert strip(resumed) == strip(reference[1])
+
+
+def test_only_rank_0_probes_the_lock(tmp_path, monkeypatch):
+    """The ranks of one job must not refuse each other: only rank 0 probes, the others hear it."""
+    from iris_ref import distributed
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, src=0: None)
+    monkeypatch.setattr(rundir.RunLock, "held_elsewhere", lambda self: pytest.fail("a non-zero rank probed"))
+    assert rundir.check_output_dir(tmp_path / "run", resume=False, overwrite=False) == "fresh"
+
+
+def test_a_full_disk_while_safetensors_writes_is_one_line(tmp_path):
+    from safetensors import SafetensorError
+
+    with pytest.raises(WriteError, match=r"no space left on the device \(ENOSPC\)"):
+        with files.writing(tmp_path / "checkpoint"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_stop_during_an_artefact_write_keeps_the_file_and_its_record(tmp_path, monkeypatch):
+    """A signal while a reused artefact is written: the file and its .sha256 both land, so the
+    resume reuses it (generation is not redone)."""
+    from iris_ref import preemption
+    from iris_ref.errors import Interrupted
+
+    path = tmp_path / "rows.jsonl"
+    monkeypatch.setattr(preemption, "_pending", signal.SIGTERM)  # as if it arrived during the write
+    with pytest.raises(Interrupted):
+        files.reuse_or_make(path, lambda: [{"x": 1}], save=files.write_jsonl, load=files.read_jsonl)
+    monkeypatch.setattr(preemption, "_pending", None)
+    made = []
+    again = files.reuse_or_make(path, lambda: made.append(1) or [{"x": 2}], save=files.write_jsonl,
+                                load=files.read_jsonl)
+    assert again == [{"x": 1}] and made == []

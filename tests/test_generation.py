@@ -510,3 +510,33 @@ def test_transformers_load_gets_trust_remote_code(tiny_checkpoint, tokenizer, mo
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     generate(str(tiny_checkpoint), tokenizer, PROMPTS[:1], max_new_tokens=2, backend="hf", trust_remote_code=True)
     assert calls == [True]
+
+
+def test_learned_positions_never_run_past_their_range_with_per_prompt_budgets():
+    """GPT-2's positions are learned (n_positions): a batch of a long and a short prompt with
+    budgets max_length - |prompt| would reach |long| + budget(short) > n_positions; the plan cuts
+    such batches, and each response equals the one generated alone (greedy)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests import tokenizer_families as families
+
+    tokenizer = families.tokenizer("chatml")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1,
+                                       n_head=2)).eval()
+    chat = ChatFormat(tokenizer)
+    prompts = [[{"role": "user", "content": "hi"}],
+               [{"role": "user", "content": "tell me about the sky and the sea and the hills, " * 2}]]
+    budgets = [64 - len(chat.prompt_ids(p)) for p in prompts]
+    together = generate(model, chat, prompts, max_new_tokens=budgets, temperature=0, batch_size=2, backend="hf")
+    for prompt, budget, responses in zip(prompts, budgets, together):
+        assert responses == generate(model, chat, [prompt], max_new_tokens=budget, temperature=0, backend="hf")[0]
+    lengths = [len(chat.prompt_ids(p)) for p in prompts]
+    assert len(generation.plan_batches(lengths, 1, 2, budgets, position_limit=64)) == 2
+    assert len(generation.plan_batches(lengths, 1, 2, budgets, position_limit=None)) == 1  # RoPE-style: one batch
+
+
+def test_a_batch_stops_when_every_row_has_stopped_or_spent_its_budget():
+    criteria = generation._budgets_reached([2, 5], width=3)
+    done = criteria(torch.zeros((2, 5), dtype=torch.long), None)
+    assert done.tolist() == [True, False]

@@ -166,7 +166,7 @@ def test_both_generators_stop_on_the_same_special_set(name, monkeypatch):
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.generation_config = None
 
-        def generate(self, input_ids, attention_mask, generation_config, synced_gpus, max_new_tokens):
+        def generate(self, input_ids, attention_mask, generation_config, synced_gpus, max_new_tokens, **kwargs):
             seen["hf"] = list(generation_config.eos_token_id)
             seen["fed"] = input_ids[0].tolist()
             return torch.cat([input_ids, torch.full((1, 1), chat.stop_ids[0])], dim=1)
@@ -336,3 +336,47 @@ def test_template_audit_finds_violations_in_bad_templates(tmp_path):
     # a template that writes nothing after the response gets the eos appended (and that is fine)
     tokenizer.chat_template = tokenizer.chat_template.replace("\\nEND\\n", "\\n\\n")
     assert all(f.level != "violation" for f in template_audit.audit_template(tokenizer))
+
+
+def _phi3_like():
+    """A tokenizer with the structure of Phi-3's published template: `<|end|>\\n` after every turn,
+    and the eos after the final turn when there is no generation prompt."""
+    tokenizer = families.tokenizer("qwen2_5")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>", "<|user|>", "<|assistant|>"]})
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + "
+        "'<|end|>\\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + "
+        "'<|end|>\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
+        "{% else %}{{ eos_token }}{% endif %}")
+    return tokenizer
+
+
+def test_the_response_ends_at_the_first_stop_of_the_end_of_turn():
+    """Phi-3's final turn writes `<|end|>\\n<|endoftext|>`; the model samples `<|end|>` and stops, so
+    the annotated response ends there too (the old rule, up to the last special token, trained on
+    `\\n<|endoftext|>` after a stop: the invariant check is the negative control)."""
+    tokenizer = _phi3_like()
+    chat = ChatFormat(tokenizer)
+    assert chat.end_of_turn_text == "<|end|>" and chat.after_turn_text == "\n<|endoftext|>"
+    _, response = chat.conversation_ids([{"role": "user", "content": "Hi"}], "Blue.")
+    assert tokenizer.convert_ids_to_tokens(response)[-1] == "<|end|>"
+    assert template_audit.chat_format_failures(chat) == []
+    def old_rule(prompt, answer):  # up to the last special token of the end of turn
+        ids = chat.conversation_ids(prompt, answer)
+        return ids[0] + ids[1] + tokenizer.encode("\n<|endoftext|>", add_special_tokens=False)
+
+    failures = template_audit.invariant_failures(chat, chat.prompt_ids, old_rule, chat.stop_ids, responses=["Blue."])
+    assert any("holds the stop token ['<|end|>'] before its end" in f for f in failures)
+
+
+@pytest.mark.parametrize("name, response", [("qwen2_5", "Blue <|im_end|> more"), ("llama3_1", "Blue<|eot_id|>"),
+                                            ("mistral_instruct", "x</s> y")])
+def test_a_response_holding_a_stop_tokens_text_is_skipped_by_name(name, response):
+    """No sampled response goes on after a stop; an annotated one that would is not trained on."""
+    chat = chat_for(name)
+    examples = [data.Example([{"role": "user", "content": "Hi"}], response),
+                data.Example([{"role": "user", "content": "Hi"}], "Blue")]
+    kept, _, counts = data.encode_examples(chat, examples, 4096, 4096)
+    assert [e.response for e in kept] == ["Blue"] and counts.stop_in_response == 1
+    assert "holds ['" in counts.first["stop_in_response"]
