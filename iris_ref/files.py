@@ -46,7 +46,8 @@ _CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quot
            errno.EROFS: "read-only file system", errno.EFBIG: "file too large"}
 
 
-def _free_space(path: Path) -> Optional[int]:
+def free_space(path: Path) -> Optional[int]:
+    """Free bytes on the disk that holds `path` (or its nearest existing parent); None if unreadable."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -65,7 +66,7 @@ def _cause(error: BaseException, path: Path) -> Optional[str]:
     if number is not None:
         return f"{_CAUSES.get(number, os.strerror(number))} ({errno.errorcode.get(number, number)})"
     if "unexpected pos" in str(error) or "PytorchStreamWriter" in str(error):
-        free = _free_space(path)
+        free = free_space(path)
         return "no space left on the device (ENOSPC)" if free is not None and free < 2**26 else None
     return None
 

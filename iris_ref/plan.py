@@ -9,14 +9,13 @@ optimizer's state, 1 tensor per weight for RMSprop, 2 for AdamW), and the synthe
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from iris_ref import chat as chat_lib
-from iris_ref import distributed, trainer
+from iris_ref import distributed, files, trainer
 from iris_ref.data import response_budget
 
 GB = 1e9
@@ -120,7 +119,7 @@ def print_plan(run, verdict: str) -> None:
     per_step = config.global_batch_size * (annotated + config.num_synthetic * annotated)
     budget = sum(response_budget(s.prompt_length, config.max_length, config.max_new_tokens) for s in run.encoded) / prompts
     disk = disk_estimate(config, parameters, prompts, prompt_tokens + budget)
-    free = shutil.disk_usage(_existing_parent(Path(config.output_dir))).free
+    free = files.free_space(Path(config.output_dir)) or 0  # 0 where it cannot be read: the warning shows
     what = {"fresh": "a new run", "resume": "resume the run there", "overwrite": "delete the run there and start afresh"}
     lines = [
         "dry run: the config, the model's config and tokenizer and the data are fine; nothing was written",
@@ -171,10 +170,3 @@ def chat_lines(chat, first) -> list[str]:
 def size(n_bytes: float) -> str:
     """Bytes in GB, or in MB below 1 GB (a tiny run's 0.0 GB says nothing)."""
     return f"{n_bytes / GB:.1f} GB" if n_bytes >= GB else f"{n_bytes / 1e6:.1f} MB"
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path

@@ -236,7 +236,7 @@ def test_write_errors_are_one_line_naming_the_path_and_the_cause(tmp_path, error
 
 
 def test_torch_full_disk_message_is_translated(tmp_path, monkeypatch):
-    monkeypatch.setattr(files, "_free_space", lambda path: 0)
+    monkeypatch.setattr(files, "free_space", lambda path: 0)
     with pytest.raises(WriteError, match=r"no space left on the device \(ENOSPC\)"):
         with files.writing(tmp_path / "model.pt"):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
